@@ -1,0 +1,34 @@
+"""Logs the data phase and the realised per-source token fractions of each phase."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+
+class MixtureMonitor(L.Callback):
+    """Counts the tokens each source contributed, per phase, and logs their fractions.
+
+    Logged every ``log_every_n_steps``: ``data/phase`` (0 stable, 1 decay) and
+    ``mixture/<phase>/<source>``, the fraction of that phase's tokens so far that came from the
+    source. Compare them with the configured weights to see that the mixture took effect.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        names = trainer.datamodule.source_names
+        counts = self.tokens.setdefault(batch["phase"], torch.zeros(len(names), dtype=torch.float64))
+        tokens_per_row = batch["tokens"].shape[1] - 1
+        counts += torch.bincount(batch["source_ids"].cpu(), minlength=len(names)).double() * tokens_per_row
+        fractions = {f"mixture/{batch['phase']}/{name}": (counts[i] / counts.sum()).item()
+                     for i, name in enumerate(names)}
+        pl_module.log_dict(fractions, reduce_fx="mean")
+        pl_module.log("data/phase", float(batch["phase"] == "decay"))
+
+    def state_dict(self) -> dict:
+        return {phase: counts.clone() for phase, counts in self.tokens.items()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.tokens = {phase: counts.clone() for phase, counts in state_dict.items()}

@@ -1,0 +1,1 @@
+"""Corpus reading, tokenizer training, token shards and the phase-switching data module."""

@@ -1,0 +1,106 @@
+"""Training and loading the SentencePiece Unigram tokenizer.
+
+Settings follow Xmodel-2's released tokenizer: Unigram, byte fallback, digits split one by one,
+identity normalisation that keeps whitespace (code indentation survives), and fixed special ids
+unk=0, bos=1, eos=2, no pad.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from xm2.data.corpus import read_documents, source_names
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def default_tokenizer_path(vocab_size: int, directory: str | Path = "artifacts/tokenizers") -> Path:
+    return Path(directory) / f"unigram-{vocab_size}.model"
+
+
+def _training_lines(
+    corpus_dir: str | Path, sources: Sequence[str], max_lines: int, seed: int
+) -> Iterator[str]:
+    # SentencePiece learns from lines; newlines themselves go through byte fallback at encode time.
+    lines = [
+        line
+        for source in sources
+        for document in read_documents(corpus_dir, source, "train")
+        for line in document.split("\n")
+        if line.strip()
+    ]
+    random.Random(seed).shuffle(lines)
+    yield from lines[:max_lines]
+
+
+def train_tokenizer(
+    vocab_size: int = 4096,
+    corpus_dir: str | Path = "data/corpus",
+    output: str | Path | None = None,
+    sources: list[str] | None = None,
+    max_lines: int = 1_000_000,
+    seed: int = 0,
+) -> Path:
+    """Train a Unigram tokenizer on the train split of the corpus and write ``output``.
+
+    Args:
+        vocab_size: Vocabulary size (the paper's is 65,280; nano uses 4096).
+        corpus_dir: The bundled corpus.
+        output: Model file to write; default ``artifacts/tokenizers/unigram-<vocab_size>.model``.
+        sources: Corpus sources to learn from; default all of them.
+        max_lines: Lines sampled (with a fixed seed) from the training text.
+        seed: Seed of that sample.
+    """
+    output = Path(output) if output else default_tokenizer_path(vocab_size)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_training_lines(corpus_dir, sources or source_names(corpus_dir),
+                                          max_lines, seed),
+        model_writer=model,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        character_coverage=0.9999,
+        byte_fallback=True,
+        split_digits=True,
+        split_by_whitespace=True,
+        allow_whitespace_only_pieces=True,
+        max_sentencepiece_length=16,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=-1,
+        num_threads=2,
+        random_seed=seed,
+        minloglevel=2,
+    )
+    # Write then rename, so a crash never leaves a truncated model behind.
+    partial = output.with_suffix(".partial")
+    partial.write_bytes(model.getvalue())
+    partial.replace(output)
+    return output
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {path} is missing; train one with `xm2 train-tokenizer --output {path}`"
+        )
+    processor = spm.SentencePieceProcessor(model_file=str(path))
+    if processor.eos_id() != EOS_ID:
+        raise ValueError(f"tokenizer {path} has eos id {processor.eos_id()}; xm2 needs {EOS_ID}")
+    return processor
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
