@@ -69,10 +69,11 @@ TOOLS = {"train-tokenizer": train_tokenizer, "tokenize": tokenize}
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of the ``xm2`` console script; ``argv`` is for calls from Python."""
     set_docstring_parse_options(attribute_docstrings=True)
-    if argv and argv[0] in TOOLS:
-        CLI({name: TOOLS[name] for name in TOOLS}, args=argv)
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in TOOLS:
+        CLI(TOOLS, args=words)
         return
     Xm2CLI(
         Xm2Module,

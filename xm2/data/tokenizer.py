@@ -80,7 +80,6 @@ def train_tokenizer(
         eos_id=EOS_ID,
         pad_id=-1,
         num_threads=2,
-        random_seed=seed,
         minloglevel=2,
     )
     # Write then rename, so a crash never leaves a truncated model behind.
