@@ -17,7 +17,6 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(BIN)/xm2 prepare --config config/nano.yaml
 	$(BIN)/xm2 fit --config config/nano.yaml
 
 test: setup
