@@ -14,6 +14,7 @@ from jsonargparse import CLI, set_docstring_parse_options
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
+from xm2.coord_check import coord_check
 from xm2.data.corpus import source_names
 from xm2.data.datamodule import MixtureDataModule
 from xm2.data.shards import write_shards
@@ -65,7 +66,7 @@ def tokenize(
                             sources or source_names(corpus_dir)))
 
 
-TOOLS = {"train-tokenizer": train_tokenizer, "tokenize": tokenize}
+TOOLS = {"train-tokenizer": train_tokenizer, "tokenize": tokenize, "coord-check": coord_check}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from xm2 import mup
 from xm2.config import ModelConfig
 from xm2.model import Decoder
+from xm2.optimizer import OptimizerConfig, build_adamw
 from xm2.schedule import WSDSchedule
-
-
-@dataclass
-class OptimizerConfig:
-    """AdamW settings; the learning rate is the base (width-independent) µP learning rate."""
-
-    lr: float = 0.01
-    """Peak learning rate of the embedding and norm gains; hidden matrices get lr/m."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay of the embedding and hidden matrices (never the norm gains)."""
-
-    def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optimizer lr={self.lr} must be > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer weight_decay={self.weight_decay} must be >= 0")
 
 
 class Xm2Module(L.LightningModule):
@@ -108,12 +88,7 @@ class Xm2Module(L.LightningModule):
         self.on_validation_epoch_end()
 
     def configure_optimizers(self) -> dict:
-        config = self.optimizer_config
-        optimizer = torch.optim.AdamW(
-            mup.param_groups(self.model.named_parameters(), self.architecture, config.lr,
-                             config.weight_decay),
-            lr=config.lr, betas=config.betas, eps=config.eps,
-        )
+        optimizer = build_adamw(self.model, self.architecture, self.optimizer_config)
         total_steps = self.trainer.max_steps
         # LambdaLR scales each group's own initial LR, which keeps the µP ratio lr/m.
         scheduler = LambdaLR(optimizer, lambda step: self.schedule.lr_factor(step, total_steps))

@@ -1,0 +1,412 @@
+"""The µP coordinate check: does the size of every activation stay put as the model widens?
+
+The decoder is built at several widths (head_dim fixed, so heads grow with width) and trained
+for a few steps on one fixed batch with the real µP AdamW. At each step t (t = 0 is the forward
+pass at init, before any update) forward hooks record the mean |x| of the embedding output, each
+attention and MLP output after the residual scale, each residual stream, the final norm and the
+logits, averaged over seeds. Under µP these curves are flat in width after the first updates;
+under standard parametrization (SP) they grow. See ``recipe.md`` §9 and microsoft/mup's README.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+import mlflow
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from xm2.config import ModelConfig
+from xm2.data.corpus import read_documents
+from xm2.data.tokenizer import EOS_ID, default_tokenizer_path, load_tokenizer, train_tokenizer
+from xm2.model import Decoder
+from xm2.optimizer import OptimizerConfig, build_adamw
+
+HEAD_DIM = 64
+"""Fixed across widths, so that only the number of heads grows (µP's width dimensions)."""
+
+Parametrization = Literal["mup", "sp"]
+DISPLAY_NAMES = {"mup": "µP", "sp": "standard parametrization"}
+
+
+class ActivationRecorder:
+    """Forward hooks recording the mean |x| of each coordinate-check activation of a Decoder.
+
+    Use as a context manager around one forward pass; :meth:`sizes` then maps ``embedding``
+    (after scale_emb), ``layer<i>.attention`` and ``layer<i>.mlp`` (after the residual scale),
+    ``layer<i>.residual`` (the block output), ``final_norm`` and ``logits`` to their mean |x|.
+    """
+
+    def __init__(self, model: Decoder) -> None:
+        self.model = model
+        self._sizes: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> ActivationRecorder:
+        self._sizes = {}
+        model = self.model
+        # The embedding output after scale_emb is what the first block receives.
+        self._handles.append(model.layers[0].register_forward_pre_hook(
+            lambda _, args: self._record("embedding", args[0])))
+        for index, block in enumerate(model.layers):
+            self._watch(block.self_attn, f"layer{index}.attention", block.residual_scale)
+            self._watch(block.mlp, f"layer{index}.mlp", block.residual_scale)
+            self._watch(block, f"layer{index}.residual")
+        self._watch(model.norm, "final_norm")
+        self._watch(model, "logits")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _watch(self, module: torch.nn.Module, name: str, scale: float = 1.0) -> None:
+        self._handles.append(module.register_forward_hook(
+            lambda _, args, output: self._record(name, output, scale)))
+
+    def _record(self, name: str, activation: torch.Tensor, scale: float = 1.0) -> None:
+        self._sizes[name] = scale * activation.detach().float().abs().mean()
+
+    def sizes(self) -> dict[str, float]:
+        """Mean |x| per module name, from the last forward pass."""
+        # One host sync for all modules rather than one per module.
+        values = torch.stack(list(self._sizes.values())).tolist() if self._sizes else []
+        return dict(zip(self._sizes, values, strict=True))
+
+
+@dataclass(frozen=True)
+class ActivationSize:
+    """One row of the coordinate-check table."""
+
+    parametrization: str
+    """``mup`` or ``sp``."""
+    width: int
+    """hidden_size of the model."""
+    step: int
+    """Optimizer updates before this forward pass; 0 is the model at init."""
+    module: str
+    """Which activation (see :class:`ActivationRecorder`)."""
+    mean_abs: float
+    """Mean |x| per coordinate, averaged over seeds."""
+
+
+def heads_at(width: int) -> int:
+    """Attention heads at ``width`` with head_dim fixed at 64."""
+    if width <= 0 or width % HEAD_DIM:
+        raise ValueError(f"coord-check width={width} must be a positive multiple of "
+                         f"head_dim={HEAD_DIM}")
+    return width // HEAD_DIM
+
+
+def width_config(
+    width: int,
+    *,
+    use_mup: bool,
+    base_width: int,
+    num_layers: int,
+    vocab_size: int,
+    seq_len: int,
+    num_kv_heads: int = 1,
+    scale_emb: float = ModelConfig.scale_emb,
+    scale_depth: float = ModelConfig.scale_depth,
+    init_std: float = ModelConfig.init_std,
+) -> ModelConfig:
+    """The coordinate-check model at one width: head_dim 64, intermediate 2.5 × width."""
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 5 // 2,
+        num_layers=num_layers, num_heads=heads_at(width), num_kv_heads=num_kv_heads,
+        max_seq_len=seq_len, use_mup=use_mup, dim_model_base=base_width, scale_emb=scale_emb,
+        scale_depth=scale_depth, init_std=init_std,
+    )
+
+
+def corpus_batch(
+    tokenizer_path: str | Path,
+    batch_size: int,
+    seq_len: int,
+    corpus_dir: str | Path = "data/corpus",
+    source: str = "prose",
+) -> torch.Tensor:
+    """A (batch_size, seq_len + 1) block of real tokens: the start of a corpus source, packed."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    needed = batch_size * (seq_len + 1)
+    tokens: list[int] = []
+    for document in read_documents(corpus_dir, source, "train"):
+        tokens += [*tokenizer.encode(document), EOS_ID]
+        if len(tokens) >= needed:
+            return torch.tensor(tokens[:needed]).view(batch_size, seq_len + 1)
+    raise ValueError(f"source {source!r} in {corpus_dir} has {len(tokens)} tokens; "
+                     f"a batch of {batch_size} × {seq_len + 1} needs {needed}")
+
+
+def record_training(
+    config: ModelConfig, tokens: torch.Tensor, optimizer: OptimizerConfig, steps: int, seed: int
+) -> list[dict[str, float]]:
+    """Train one model ``steps`` updates on ``tokens``; mean |x| per module at each step 0..steps."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Decoder(config)
+    adamw = build_adamw(model, config, optimizer)
+    recorder = ActivationRecorder(model)
+    sizes = []
+    for step in range(steps + 1):
+        with recorder:
+            logits = model(tokens[:, :-1])
+        sizes.append(recorder.sizes())
+        if step < steps:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            adamw.zero_grad(set_to_none=True)
+            loss.backward()
+            adamw.step()
+    return sizes
+
+
+def check_settings(widths: Sequence[int], steps: int, seeds: int) -> None:
+    """Refuse settings that cannot show a trend in width."""
+    if len(set(widths)) < 2:
+        raise ValueError(f"coord-check widths={list(widths)}; at least two different widths needed")
+    for width in widths:
+        heads_at(width)
+    if steps < 0 or seeds < 1:
+        raise ValueError(f"coord-check steps={steps} must be >= 0 and seeds={seeds} >= 1")
+
+
+def run_coord_check(
+    tokens: torch.Tensor,
+    widths: Sequence[int],
+    *,
+    use_mup: bool,
+    steps: int,
+    seeds: int,
+    base_width: int,
+    num_layers: int,
+    vocab_size: int,
+    num_kv_heads: int = 1,
+    scale_emb: float = ModelConfig.scale_emb,
+    scale_depth: float = ModelConfig.scale_depth,
+    init_std: float = ModelConfig.init_std,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+) -> list[ActivationSize]:
+    """The coordinate-check table of one parametrization: seed-mean mean |x| per width and step."""
+    check_settings(widths, steps, seeds)
+    parametrization = "mup" if use_mup else "sp"
+    table = []
+    for width in widths:
+        config = width_config(width, use_mup=use_mup, base_width=base_width, num_layers=num_layers,
+                              vocab_size=vocab_size, seq_len=tokens.shape[1] - 1,
+                              num_kv_heads=num_kv_heads, scale_emb=scale_emb,
+                              scale_depth=scale_depth, init_std=init_std)
+        runs = [record_training(config, tokens, optimizer, steps, seed) for seed in range(seeds)]
+        for step in range(steps + 1):
+            for module in runs[0][step]:
+                seed_mean = sum(run[step][module] for run in runs) / seeds
+                table.append(ActivationSize(parametrization, width, step, module, seed_mean))
+    return table
+
+
+def growth_factors(table: Sequence[ActivationSize]) -> dict[tuple[str, int, str], float]:
+    """(parametrization, step, module) -> max over widths / min over widths of mean |x|.
+
+    1 means width-independent; under µP every factor should stay near 1 after the first updates.
+    """
+    by_key: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    for row in table:
+        by_key[(row.parametrization, row.step, row.module)].append(row.mean_abs)
+    return {key: max(values) / min(values) for key, values in by_key.items()}
+
+
+def write_table(table: Sequence[ActivationSize], path: str | Path) -> Path:
+    """The table as CSV, one row per (parametrization, width, step, module)."""
+    path = Path(path)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=[field.name for field in fields(ActivationSize)])
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in table)
+    return path
+
+
+def _line_style(module: str, num_layers: int, colormap) -> dict:
+    if module.startswith("layer"):
+        layer, kind = module.removeprefix("layer").split(".")
+        linestyle = {"attention": "-", "mlp": "--", "residual": ":"}[kind]
+        return {"color": colormap(int(layer) / max(1, num_layers - 1)), "linestyle": linestyle}
+    return {"color": {"embedding": "tab:red", "final_norm": "tab:orange", "logits": "black"}[module],
+            "linestyle": "-", "linewidth": 2.0}
+
+
+def plot_coord_check(table: Sequence[ActivationSize], path: str | Path, title: str) -> Path:
+    """Width against mean |x| on log-log (base 2) axes, one panel per step, one line per module."""
+    steps = sorted({row.step for row in table})
+    modules = list(dict.fromkeys(row.module for row in table))
+    num_layers = sum(module.endswith(".residual") for module in modules)
+    colormap = colormaps["viridis"]
+    figure = Figure(figsize=(3.2 * len(steps) + 2.2, 3.6), layout="constrained")
+    axes = figure.subplots(1, len(steps), sharey=True, squeeze=False)[0]
+    for axis, step in zip(axes, steps, strict=True):
+        for module in modules:
+            points = sorted((row.width, row.mean_abs) for row in table
+                            if row.step == step and row.module == module)
+            axis.plot([width for width, _ in points], [size for _, size in points], marker=".",
+                      **_line_style(module, num_layers, colormap))
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log", base=2)
+        axis.set_title(f"t = {step}")
+        axis.set_xlabel("width")
+        axis.grid(True, which="major", alpha=0.3)
+    axes[0].set_ylabel("mean |x|")
+    # Colour says the layer and line style the kind, so the legend stays short at any depth.
+    legend = [Line2D([], [], color="grey", linestyle=style, label=kind)
+              for kind, style in (("attention", "-"), ("mlp", "--"), ("residual", ":"))]
+    legend += [Line2D([], [], **_line_style(f"layer{layer}.attention", num_layers, colormap),
+                      label=f"layer {layer}") for layer in range(num_layers)]
+    legend += [Line2D([], [], **_line_style(module, num_layers, colormap), label=module)
+               for module in ("embedding", "final_norm", "logits")]
+    figure.legend(handles=legend, loc="outside right center", fontsize=8)
+    figure.suptitle(title)
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def format_growth_factors(factors: dict[tuple[str, int, str], float], parametrization: str) -> str:
+    """A module × step text table of one parametrization's growth factors."""
+    keys = [key for key in factors if key[0] == parametrization]
+    steps = sorted({step for _, step, _ in keys})
+    modules = list(dict.fromkeys(module for _, _, module in keys))
+    width = max(len(module) for module in modules)
+    lines = [f"{parametrization:<{width}}" + "".join(f"{f't={step}':>9}" for step in steps)]
+    for module in modules:
+        lines.append(f"{module:<{width}}" + "".join(
+            f"{factors[(parametrization, step, module)]:>9.2f}" for step in steps))
+    return "\n".join(lines)
+
+
+def coord_check(
+    widths: tuple[int, ...] = (64, 128, 256, 512, 1024),
+    parametrizations: tuple[Parametrization, ...] = ("mup", "sp"),
+    steps: int = 5,
+    seeds: int = 3,
+    base_width: int = 64,
+    num_layers: int = 4,
+    num_kv_heads: int = 1,
+    scale_emb: float = ModelConfig.scale_emb,
+    scale_depth: float = ModelConfig.scale_depth,
+    init_std: float = ModelConfig.init_std,
+    optimizer: OptimizerConfig = OptimizerConfig(),
+    vocab_size: int = 512,
+    seq_len: int = 64,
+    batch_size: int = 8,
+    source: str = "prose",
+    corpus_dir: str = "data/corpus",
+    tokenizer_path: str | None = None,
+    output_dir: str = "artifacts/coord_check",
+    tracking_uri: str = "sqlite:///mlflow.db",
+    experiment: str = "xm2-coord-check",
+) -> dict[tuple[str, int, str], float]:
+    """µP coordinate check: train the decoder at several widths, plot activation size vs width.
+
+    Writes ``coord_check_<parametrization>.png`` and ``.csv`` to output_dir, logs them to one
+    MLflow run with the growth factors (max/min of mean |x| over widths) as metrics
+    ``growth/<parametrization>/<module>`` at step t, and prints those factors. Under µP they stay
+    near 1 after the first updates; under SP they grow with the width range.
+
+    Args:
+        widths: hidden_size values; multiples of head_dim 64 (heads = width / 64).
+        parametrizations: mup and/or sp (standard parametrization, the sanity check).
+        steps: Optimizer updates on the fixed batch; t = 0 .. steps are recorded.
+        seeds: Initialisations averaged at each width.
+        base_width: µP dim_model_base; at this width µP and SP are the same model.
+        num_layers: Depth, the same at every width.
+        num_kv_heads: Key/value heads; must divide width / 64 for every width.
+        scale_emb: µP embedding multiplier.
+        scale_depth: µP residual-branch multiplier (× 1/√num_layers).
+        init_std: µP base init std.
+        optimizer: AdamW settings; lr is the base µP learning rate, used constant.
+        vocab_size: Tokenizer and model vocabulary.
+        seq_len: Tokens per row of the fixed batch.
+        batch_size: Rows of the fixed batch.
+        source: Corpus source the fixed batch is read from.
+        corpus_dir: The bundled corpus.
+        tokenizer_path: SentencePiece model; default artifacts/tokenizers/unigram-<vocab_size>.model,
+            trained on the corpus if missing.
+        output_dir: Folder for the PNG and CSV files.
+        tracking_uri: MLflow tracking store.
+        experiment: MLflow experiment name.
+    """
+    check_settings(widths, steps, seeds)
+    tokenizer = _matching_tokenizer(tokenizer_path, vocab_size, corpus_dir)
+    tokens = corpus_batch(tokenizer, batch_size, seq_len, corpus_dir, source)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    settings = dict(steps=steps, seeds=seeds, base_width=base_width, num_layers=num_layers,
+                    vocab_size=vocab_size, num_kv_heads=num_kv_heads, scale_emb=scale_emb,
+                    scale_depth=scale_depth, init_std=init_std)
+    params = {**settings, **{f"optimizer/{k}": v for k, v in asdict(optimizer).items()},
+              "widths": list(widths), "seq_len": seq_len, "batch_size": batch_size,
+              "source": source, "tokenizer": str(tokenizer)}
+    client = mlflow.MlflowClient(tracking_uri)
+    run_id = _start_run(client, experiment, f"widths-{min(widths)}-{max(widths)}", params)
+    factors: dict[tuple[str, int, str], float] = {}
+    status = "FAILED"
+    try:
+        for parametrization in parametrizations:
+            table = run_coord_check(tokens, widths, use_mup=parametrization == "mup",
+                                    optimizer=optimizer, **settings)
+            stem = output / f"coord_check_{parametrization}"
+            title = (f"{DISPLAY_NAMES[parametrization]}: mean |x| vs width, {seeds} seeds, "
+                     f"lr {optimizer.lr}, base width {base_width}, {num_layers} layers")
+            for path in (write_table(table, stem.with_suffix(".csv")),
+                         plot_coord_check(table, stem.with_suffix(".png"), title)):
+                client.log_artifact(run_id, str(path))
+            factors.update(growth_factors(table))
+            print(f"\nGrowth factor over widths {min(widths)}..{max(widths)} "
+                  f"(max/min of mean |x|; 1 = width-independent), PNG and CSV at {stem}.*")
+            print(format_growth_factors(factors, parametrization))
+        _log_growth_factors(client, run_id, factors)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
+    return factors
+
+
+def _matching_tokenizer(tokenizer_path: str | None, vocab_size: int, corpus_dir: str) -> Path:
+    """The named tokenizer, or the default one of ``vocab_size`` (trained as `xm2 fit` would)."""
+    tokenizer = Path(tokenizer_path or default_tokenizer_path(vocab_size))
+    if tokenizer_path is None and not tokenizer.is_file():
+        train_tokenizer(vocab_size, corpus_dir, tokenizer)
+    tokenizer_vocab = load_tokenizer(tokenizer).vocab_size()
+    if tokenizer_vocab != vocab_size:
+        raise ValueError(f"tokenizer {tokenizer} has vocab size {tokenizer_vocab} but "
+                         f"vocab_size={vocab_size}; train a matching one with "
+                         f"`xm2 train-tokenizer --vocab_size {vocab_size}`")
+    return tokenizer
+
+
+def _start_run(client: mlflow.MlflowClient, experiment: str, run_name: str, params: dict) -> str:
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+    return run_id
+
+
+def _log_growth_factors(
+    client: mlflow.MlflowClient, run_id: str, factors: dict[tuple[str, int, str], float]
+) -> None:
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(f"growth/{parametrization}/{module}", value, now, step)
+               for (parametrization, step, module), value in factors.items()
+               if math.isfinite(value)]
+    for start in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
+        client.log_batch(run_id, metrics=metrics[start:start + 1000])
