@@ -20,6 +20,7 @@ from xm2.data.datamodule import MixtureDataModule
 from xm2.data.shards import write_shards
 from xm2.data.tokenizer import train_tokenizer
 from xm2.module import Xm2Module
+from xm2.sweep import sweep
 
 
 class TrackConfig(SaveConfigCallback):
@@ -66,7 +67,12 @@ def tokenize(
                             sources or source_names(corpus_dir)))
 
 
-TOOLS = {"train-tokenizer": train_tokenizer, "tokenize": tokenize, "coord-check": coord_check}
+TOOLS = {
+    "train-tokenizer": train_tokenizer,
+    "tokenize": tokenize,
+    "coord-check": coord_check,
+    "sweep": sweep,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,7 +28,8 @@ from mlflow import MlflowClient
 
 from xm2.config import ModelConfig
 from xm2.data.datamodule import DEFAULT_STABLE, MixtureDataModule
-from xm2.module import OptimizerConfig, Xm2Module
+from xm2.module import Xm2Module
+from xm2.optimizer import OptimizerConfig
 from xm2.schedule import DecayStyle, WSDSchedule
 
 Parametrization = Literal["mup", "sp"]
@@ -297,7 +298,7 @@ def _train_one(
 def sweep(
     name: str = "mutransfer",
     widths: tuple[int, ...] = (64, 128, 256),
-    log2_lrs: tuple[float, ...] = (-12, -11, -10, -9, -8, -7, -6, -5, -4),
+    log2_lrs: tuple[float, ...] = (-11, -10, -9, -8, -7, -6, -5, -4, -3),
     seeds: tuple[int, ...] = (0,),
     parametrizations: tuple[Parametrization, ...] = ("mup", "sp"),
     head_dim: int = 64,
@@ -315,7 +316,7 @@ def sweep(
     tokenizer_path: str | None = None,
     shards_dir: str = "artifacts/shards",
     output_dir: str = "artifacts/sweeps",
-    experiment_name: str = "xm2-sweeps",
+    experiment_name: str = "xm2-mutransfer",
     tracking_uri: str = "sqlite:///mlflow.db",
     accelerator: str = "cpu",
 ) -> dict:
