@@ -42,6 +42,8 @@ def test_printed_config_trains_through_both_phases_into_mlflow(tmp_path, tokeniz
 
     fit = xm2("fit", "--config", "run.yaml", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "Evaluate it with: xm2 validate --config run.yaml --ckpt_path " in fit.stdout
+    assert "LeafSpec" not in fit.stderr and "Tip:" not in fit.stderr + fit.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("xm2").experiment_id])

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 from jsonargparse import CLI, set_docstring_parse_options
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -45,8 +47,18 @@ class Xm2CLI(LightningCLI):
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and checkpoint and checkpoint.last_model_path:
+            configs = "".join(f"--config {path} " for path in self.config.fit.config or [])
             print(f"\nLast checkpoint: {checkpoint.last_model_path}\nEvaluate it with: xm2 validate "
-                  f"--config <your config> --ckpt_path {checkpoint.last_model_path}")
+                  f"{configs}--ckpt_path {checkpoint.last_model_path}")
+
+
+def quiet_lightning_noise() -> None:
+    """Drop two messages that every run prints and no xm2 user can act on."""
+    # Lightning's own pytree helper trips a torch deprecation on every validation loop.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # An advertisement for a hosted logger; xm2 logs to MLflow.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip:"))
 
 
 def tokenize(
@@ -78,6 +90,7 @@ TOOLS = {
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``xm2`` console script; ``argv`` is for calls from Python."""
     set_docstring_parse_options(attribute_docstrings=True)
+    quiet_lightning_noise()
     words = sys.argv[1:] if argv is None else argv
     if words and words[0] in TOOLS:
         CLI(TOOLS, args=words)
