@@ -1,0 +1,56 @@
+"""Every notebook executes headlessly, top to bottom, on a real run in a real MLflow store."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from tests.conftest import ROOT
+from tests.test_cli import smoke_args, xm2
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory, tokenizer_path, shards) -> Path:
+    """An MLflow store holding one finished smoke run of the nano recipe, then a validate run."""
+    directory = tmp_path_factory.mktemp("tracked")
+    fit = xm2("fit", *smoke_args(directory, tokenizer_path, shards), cwd=directory)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (checkpoint,) = (directory / "runs").rglob("last.ckpt")
+    validate = xm2("validate", *smoke_args(directory, tokenizer_path, shards),
+                   "--ckpt_path", str(checkpoint), cwd=directory)
+    assert validate.returncode == 0, validate.stderr[-3000:]
+    return directory / "mlflow.db"
+
+
+def execute(path: Path, store: Path, monkeypatch) -> nbformat.NotebookNode:
+    """Run a notebook in its own folder, as Jupyter would, against ``store``."""
+    monkeypatch.setenv("XM2_TRACKING_URI", f"sqlite:///{store}")
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return notebook
+
+
+def outputs(cell) -> str:
+    return "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for o in cell.get("outputs", []))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_executes_on_a_tracked_run(path, tracked_run, monkeypatch):
+    notebook = execute(path, tracked_run, monkeypatch)
+    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert images, f"{path.name} drew no figure"
+
+
+@pytest.mark.slow
+def test_loss_curves_picks_the_training_run_and_reports_both_phases(tracked_run, monkeypatch):
+    notebook = execute(ROOT / "notebooks" / "loss_curves.ipynb", tracked_run, monkeypatch)
+    text = "\n".join(outputs(cell) for cell in notebook.cells)
+    # The newest run is the validate run; the notebook must skip it for the training run.
+    assert "warmup ends at step 2, decay starts at step 8" in text
+    assert "instruct_math" in text and "validation loss:" in text and "at the end (step 11)" in text
