@@ -92,3 +92,28 @@ def test_bad_input_fails_before_training_with_the_bad_value(tmp_path, tokenizer_
     assert message in result.stderr
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
+
+
+@pytest.mark.slow
+def test_resuming_from_a_mid_run_checkpoint_is_exact(tmp_path, tokenizer_path, shards):
+    keep = ["--config", str(ROOT / "tests" / "configs" / "keep_checkpoints.yaml")]
+    straight = xm2("fit", *smoke_args(tmp_path / "a", tokenizer_path, shards), *keep, cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    (midway,) = (tmp_path / "a").rglob("step=6.ckpt")
+    (end,) = (tmp_path / "a").rglob("step=12.ckpt")
+
+    resumed = xm2("fit", *smoke_args(tmp_path / "b", tokenizer_path, shards), *keep,
+                  "--ckpt_path", str(midway), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (resumed_end,) = (tmp_path / "b").rglob("step=12.ckpt")
+
+    expected, actual = (torch.load(p, weights_only=True) for p in (end, resumed_end))
+    assert actual["global_step"] == 12
+    # Weights, optimizer moments, LR schedule and the data stream all came back from step 6:
+    # any of them restored wrongly would move at least one weight.
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(actual["state_dict"][name], tensor), name
+    assert actual["lr_schedulers"] == expected["lr_schedulers"]
+    mixture = "MixtureMonitor"
+    assert all(torch.equal(actual["callbacks"][mixture][phase], counts)
+               for phase, counts in expected["callbacks"][mixture].items())
