@@ -93,16 +93,14 @@ def test_bad_input_fails_before_training_with_the_bad_value(tmp_path, tokenizer_
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
 
 
-
 @pytest.mark.slow
 def test_resuming_from_a_mid_run_checkpoint_is_exact(tmp_path, tokenizer_path, shards):
-    keep = ["--config", str(ROOT / "tests" / "configs" / "keep_checkpoints.yaml")]
-    straight = xm2("fit", *smoke_args(tmp_path / "a", tokenizer_path, shards), *keep, cwd=tmp_path)
+    straight = xm2("fit", *smoke_args(tmp_path / "a", tokenizer_path, shards), cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
     (midway,) = (tmp_path / "a").rglob("step=6.ckpt")
     (end,) = (tmp_path / "a").rglob("step=12.ckpt")
 
-    resumed = xm2("fit", *smoke_args(tmp_path / "b", tokenizer_path, shards), *keep,
+    resumed = xm2("fit", *smoke_args(tmp_path / "b", tokenizer_path, shards),
                   "--ckpt_path", str(midway), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     (resumed_end,) = (tmp_path / "b").rglob("step=12.ckpt")

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 from xm2 import mup
 from xm2.config import ModelConfig
@@ -38,7 +39,7 @@ def shard_and_step(rank: int, port: int, results: dict) -> None:
         optimizer.step()
         results[rank] = {
             "groups": groups_by_name(model),
-            "sharded": all(type(p).__name__ == "DTensor" for p in model.parameters()),
+            "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
             "names": sorted(name for name, _ in model.named_parameters()),
         }
     finally:

@@ -25,13 +25,18 @@ def tracked_run(tmp_path_factory, tokenizer_path, shards) -> Path:
     return directory / "mlflow.db"
 
 
-def execute(path: Path, store: Path, monkeypatch) -> nbformat.NotebookNode:
-    """Run a notebook in its own folder, as Jupyter would, against ``store``."""
-    monkeypatch.setenv("XM2_TRACKING_URI", f"sqlite:///{store}")
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    return notebook
+@pytest.fixture(scope="module")
+def executed(tracked_run) -> dict[str, nbformat.NotebookNode]:
+    """Each notebook run once, in its own folder as Jupyter would, against the tracked run."""
+    notebooks = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XM2_TRACKING_URI", f"sqlite:///{tracked_run}")
+        for path in NOTEBOOKS:
+            notebook = nbformat.read(path, as_version=4)
+            NotebookClient(notebook, timeout=180, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+            notebooks[path.name] = notebook
+    return notebooks
 
 
 def outputs(cell) -> str:
@@ -41,15 +46,15 @@ def outputs(cell) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_executes_on_a_tracked_run(path, tracked_run, monkeypatch):
-    notebook = execute(path, tracked_run, monkeypatch)
+def test_notebook_executes_on_a_tracked_run(path, executed):
+    notebook = executed[path.name]
     images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, f"{path.name} drew no figure"
 
 
 @pytest.mark.slow
-def test_loss_curves_picks_the_training_run_and_reports_both_phases(tracked_run, monkeypatch):
-    notebook = execute(ROOT / "notebooks" / "loss_curves.ipynb", tracked_run, monkeypatch)
+def test_loss_curves_picks_the_training_run_and_reports_both_phases(executed):
+    notebook = executed["loss_curves.ipynb"]
     text = "\n".join(outputs(cell) for cell in notebook.cells)
     # The newest run is the validate run; the notebook must skip it for the training run.
     assert "warmup ends at step 2, decay starts at step 8" in text
