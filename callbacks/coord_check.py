@@ -5,15 +5,15 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from xm2.coord_check import ActivationRecorder
+from xm2.studies.coord_check import ActivationRecorder
 
 
 class CoordCheck(L.Callback):
     """Records mean |x| of the coordinate-check activations at step 0 and every N steps.
 
     Before the update of each recorded step, one extra no-grad forward pass of that step's
-    training batch runs with the hooks of :class:`xm2.coord_check.ActivationRecorder`, and
-    ``coord/<module>`` is logged for ``embedding``, ``layer<i>.attention|mlp|residual``,
+    training batch runs with the hooks of :class:`xm2.studies.coord_check.ActivationRecorder`,
+    and ``coord/<module>`` is logged for ``embedding``, ``layer<i>.attention|mlp|residual``,
     ``final_norm`` and ``logits``. Compare runs of different widths at equal steps: under µP the
     curves coincide. Sizes are those of rank 0's batch.
     """

@@ -12,10 +12,10 @@ from torch.utils.data import DataLoader
 from callbacks.coord_check import CoordCheck
 from tests.conftest import CORPUS
 from xm2.config import ModelConfig
-from xm2.coord_check import ActivationRecorder, coord_check, corpus_batch
 from xm2.model import Decoder
 from xm2.module import Xm2Module
 from xm2.schedule import WSDSchedule
+from xm2.studies.coord_check import ActivationRecorder, coord_check, corpus_batch
 
 WIDTHS = (64, 256, 1024)  # a 16× width range
 STEPS = 3

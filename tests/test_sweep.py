@@ -10,7 +10,7 @@ import torch
 from mlflow import MlflowClient
 
 from tests.conftest import CORPUS
-from xm2.sweep import LossTail, SweepRun, optimum_shift, summarize, summary_markdown, sweep
+from xm2.studies.sweep import LossTail, SweepRun, optimum_shift, summarize, summary_markdown, sweep
 
 # µP: the optimum stays at 2^-6 for every width and wider is better there.
 # SP: the optimum moves from 2^-6 to 2^-8 as the width grows 4×; width 128 diverged at 2^-4.

@@ -16,13 +16,13 @@ from jsonargparse import CLI, set_docstring_parse_options
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
-from xm2.coord_check import coord_check
 from xm2.data.corpus import source_names
 from xm2.data.datamodule import MixtureDataModule
 from xm2.data.shards import write_shards
 from xm2.data.tokenizer import train_tokenizer
 from xm2.module import Xm2Module
-from xm2.sweep import sweep
+from xm2.studies.coord_check import coord_check
+from xm2.studies.sweep import sweep
 
 
 class TrackConfig(SaveConfigCallback):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
 import time
 from collections import defaultdict
@@ -24,13 +23,15 @@ from typing import Literal
 import lightning as L
 import numpy as np
 from lightning.pytorch.loggers import MLFlowLogger
-from mlflow import MlflowClient
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 from xm2.config import ModelConfig
 from xm2.data.datamodule import DEFAULT_STABLE, MixtureDataModule
-from xm2.module import Xm2Module
+from xm2.module import NonFiniteLossError, Xm2Module
 from xm2.optimizer import OptimizerConfig
 from xm2.schedule import DecayStyle, WSDSchedule
+from xm2.studies.tracked import TrackedRun, quiet_lightning, save_figure
 
 Parametrization = Literal["mup", "sp"]
 MeanLosses = dict[tuple[str, int, float], float]
@@ -213,20 +214,15 @@ def write_csv(runs: list[SweepRun], path: Path) -> None:
             writer.writerow({**asdict(run), "lr": run.lr})
 
 
-def plot_sweep(runs: list[SweepRun], summary: dict, path: Path, title: str) -> None:
+def sweep_figure(runs: list[SweepRun], summary: dict, title: str) -> Figure:
     """Final loss against learning rate: a panel per parametrization, a line per width."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     metric = summary["metric"]
     means = mean_losses(runs, metric)
     parametrizations = list(summary["argmin_log2_lr"])
     widths = sorted({run.width for run in runs})
-    colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.85, len(widths)))
-    figure, axes = plt.subplots(1, len(parametrizations), figsize=(5.5 * len(parametrizations), 4.2),
-                                sharey=True, squeeze=False)
+    colors = colormaps["viridis"](np.linspace(0.0, 0.85, len(widths)))
+    figure = Figure(figsize=(5.5 * len(parametrizations), 4.2))
+    axes = figure.subplots(1, len(parametrizations), sharey=True, squeeze=False)
     finite = [v for v in means.values() if math.isfinite(v)]
     for axis, param in zip(axes[0], parametrizations, strict=True):
         for width, color in zip(widths, colors, strict=True):
@@ -253,8 +249,7 @@ def plot_sweep(runs: list[SweepRun], summary: dict, path: Path, title: str) -> N
         axes[0][0].set_ylim(low - 0.05 * (high - low + 0.1), high + 0.05 * (high - low + 0.1))
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return figure
 
 
 # ----------------------------------------------------------------------------- the command
@@ -284,13 +279,19 @@ def _train_one(
                             "sweep/log2_lr": log2_lr, "sweep/lr": 2.0**log2_lr,
                             "sweep/seed": seed, "sweep/steps": steps})
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
-    train_loss = losses.final_loss()
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        train_loss = losses.final_loss()
+    except NonFiniteLossError:
+        # A diverged run is a result of the sweep (an LR too large), not a failure of it.
+        train_loss = math.inf
     val_loss = (_finite_or_inf(trainer.callback_metrics.get("val/loss"))
                 if math.isfinite(train_loss) else math.inf)
     logger.experiment.log_metric(logger.run_id, "final/train_loss", train_loss)
     logger.experiment.log_metric(logger.run_id, "final/val_loss", val_loss)
     logger.experiment.set_tag(logger.run_id, "diverged", str(not math.isfinite(val_loss)))
+    # Lightning marks a run that raised FAILED; the diverged run has finished measuring.
+    logger.experiment.set_terminated(logger.run_id, "FINISHED")
     return SweepRun(parametrization, width, log2_lr, seed, train_loss, val_loss,
                     run_id=logger.run_id, seconds=round(time.perf_counter() - started, 2))
 
@@ -369,35 +370,22 @@ def sweep(
             "val_batches_per_source": val_batches_per_source}
     output = Path(output_dir) / name
     output.mkdir(parents=True, exist_ok=True)
-    # Lightning announces devices and hooks for every run; a sweep of dozens only needs errors.
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    experiment_id = (experiment.experiment_id if experiment
-                     else client.create_experiment(experiment_name))
-    parent = client.create_run(experiment_id, run_name=f"{name}-summary",
-                               tags={"sweep.name": name, "sweep.role": "summary"})
-    parent_id = parent.info.run_id
+    quiet_lightning()
     settings = {"widths": widths, "log2_lrs": log2_lrs, "seeds": seeds,
                 "parametrizations": parametrizations, "steps": steps, "batch_size": batch_size,
                 "warmup_steps": warmup_steps, "decay_start_step": decay_start_step,
                 "decay_style": decay_style, **architecture}
-    for key, value in settings.items():
-        client.log_param(parent_id, key, value)
+    parent = TrackedRun.start(tracking_uri, experiment_name, f"{name}-summary",
+                              tags={"sweep.name": name, "sweep.role": "summary"}, params=settings)
 
     runs: list[SweepRun] = []
-    try:
+    with parent:
         for seed in seeds:
             for parametrization in parametrizations:
                 for width in widths:
                     for log2_lr in log2_lrs:
                         run_name = f"{name}-{parametrization}-w{width}-lr2^{log2_lr:g}-s{seed}"
-                        logger = MLFlowLogger(
-                            experiment_name=experiment_name, tracking_uri=tracking_uri,
-                            run_name=run_name,
-                            tags={"mlflow.parentRunId": parent_id, "sweep.name": name},
-                        )
+                        logger = parent.child_logger(run_name, tags={"sweep.name": name})
                         run = _train_one(parametrization=parametrization, width=width,
                                          log2_lr=log2_lr, seed=seed, architecture=architecture,
                                          data=data, steps=steps, schedule=schedule,
@@ -407,27 +395,24 @@ def sweep(
                         print(f"{run_name}: train {_format_loss(run.train_loss)}, "
                               f"val {_format_loss(run.val_loss)} ({run.seconds:.1f} s)",
                               flush=True)
-    except BaseException:
-        client.set_terminated(parent_id, "FAILED")
-        raise
 
-    summary = summarize(runs, tolerance=wider_is_better_tolerance)
-    paths = {"csv": output / "runs.csv", "plot": output / "loss_vs_lr.png",
-             "json": output / "summary.json", "markdown": output / "summary.md"}
-    write_csv(runs, paths["csv"])
-    plot_sweep(runs, summary, paths["plot"],
-               f"{name}: {num_layers} layers, {steps} steps × {batch_size}×{seq_len} tokens, "
-               f"{len(seeds)} seed(s); µP base width {min(widths)}")
-    summary["files"] = {key: str(path) for key, path in paths.items()}
-    summary["mlflow"] = {"experiment": experiment_name, "summary_run_id": parent_id}
-    paths["json"].write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
-    paths["markdown"].write_text(summary_markdown(summary, runs))
-    for path in paths.values():
-        client.log_artifact(parent_id, str(path))
-    for param, shift in summary["optimum_shift_grid_steps"].items():
-        if shift["spread"] is not None:
-            client.log_metric(parent_id, f"{param}/optimum_spread_grid_steps", shift["spread"])
-    client.log_metric(parent_id, "wider_is_better", float(summary["wider_is_better"]["passed"]))
-    client.set_terminated(parent_id, "FINISHED")
+        summary = summarize(runs, tolerance=wider_is_better_tolerance)
+        paths = {"csv": output / "runs.csv", "plot": output / "loss_vs_lr.png",
+                 "json": output / "summary.json", "markdown": output / "summary.md"}
+        write_csv(runs, paths["csv"])
+        save_figure(sweep_figure(
+            runs, summary,
+            f"{name}: {num_layers} layers, {steps} steps × {batch_size}×{seq_len} tokens, "
+            f"{len(seeds)} seed(s); µP base width {min(widths)}"), paths["plot"])
+        summary["files"] = {key: str(path) for key, path in paths.items()}
+        summary["mlflow"] = {"experiment": experiment_name, "summary_run_id": parent.run_id}
+        paths["json"].write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+        paths["markdown"].write_text(summary_markdown(summary, runs))
+        for path in paths.values():
+            parent.log_artifact(path)
+        parent.log_metrics({f"{param}/optimum_spread_grid_steps": shift["spread"]
+                            for param, shift in summary["optimum_shift_grid_steps"].items()
+                            if shift["spread"] is not None})
+        parent.log_metrics({"wider_is_better": float(summary["wider_is_better"]["passed"])})
     print(json.dumps(_jsonable(summary), indent=2))
     return summary

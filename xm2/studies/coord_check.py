@@ -19,18 +19,19 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-import mlflow
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from mlflow.entities import Metric
 
 from xm2.config import ModelConfig
 from xm2.data.corpus import read_documents
 from xm2.data.tokenizer import EOS_ID, default_tokenizer_path, load_tokenizer, train_tokenizer
 from xm2.model import Decoder
 from xm2.optimizer import OptimizerConfig, build_adamw
+from xm2.studies.tracked import TrackedRun
 
 HEAD_DIM = 64
 """Fixed across widths, so that only the number of heads grows (µP's width dimensions)."""
@@ -245,7 +246,7 @@ def _line_style(module: str, num_layers: int, colormap) -> dict:
             "linestyle": "-", "linewidth": 2.0}
 
 
-def plot_coord_check(table: Sequence[ActivationSize], path: str | Path, title: str) -> Path:
+def coord_check_figure(table: Sequence[ActivationSize], title: str) -> Figure:
     """Width against mean |x| on log-log (base 2) axes, one panel per step, one line per module."""
     steps = sorted({row.step for row in table})
     modules = list(dict.fromkeys(row.module for row in table))
@@ -274,9 +275,7 @@ def plot_coord_check(table: Sequence[ActivationSize], path: str | Path, title: s
                for module in ("embedding", "final_norm", "logits")]
     figure.legend(handles=legend, loc="outside right center", fontsize=8)
     figure.suptitle(title)
-    path = Path(path)
-    figure.savefig(path, dpi=110)
-    return path
+    return figure
 
 
 def format_growth_factors(factors: dict[tuple[str, int, str], float], parametrization: str) -> str:
@@ -355,28 +354,27 @@ def coord_check(
     params = {**settings, **{f"optimizer/{k}": v for k, v in asdict(optimizer).items()},
               "widths": list(widths), "seq_len": seq_len, "batch_size": batch_size,
               "source": source, "tokenizer": str(tokenizer)}
-    client = mlflow.MlflowClient(tracking_uri)
-    run_id = _start_run(client, experiment, f"widths-{min(widths)}-{max(widths)}", params)
+    run = TrackedRun.start(tracking_uri, experiment, f"widths-{min(widths)}-{max(widths)}",
+                           params=params)
     factors: dict[tuple[str, int, str], float] = {}
-    status = "FAILED"
-    try:
+    with run:
         for parametrization in parametrizations:
             table = run_coord_check(tokens, widths, use_mup=parametrization == "mup",
                                     optimizer=optimizer, **settings)
             stem = output / f"coord_check_{parametrization}"
             title = (f"{DISPLAY_NAMES[parametrization]}: mean |x| vs width, {seeds} seeds, "
                      f"lr {optimizer.lr}, base width {base_width}, {num_layers} layers")
-            for path in (write_table(table, stem.with_suffix(".csv")),
-                         plot_coord_check(table, stem.with_suffix(".png"), title)):
-                client.log_artifact(run_id, str(path))
+            run.log_artifact(write_table(table, stem.with_suffix(".csv")))
+            run.log_figure(coord_check_figure(table, title), stem.with_suffix(".png"), dpi=110)
             factors.update(growth_factors(table))
             print(f"\nGrowth factor over widths {min(widths)}..{max(widths)} "
                   f"(max/min of mean |x|; 1 = width-independent), PNG and CSV at {stem}.*")
             print(format_growth_factors(factors, parametrization))
-        _log_growth_factors(client, run_id, factors)
-        status = "FINISHED"
-    finally:
-        client.set_terminated(run_id, status)
+        # Growth factor (parametrization, step, module) as metric growth/<param>/<module> at step.
+        run.log_metric_entries(
+            Metric(f"growth/{parametrization}/{module}", value, int(time.time() * 1000), step)
+            for (parametrization, step, module), value in factors.items()
+            if math.isfinite(value))
     return factors
 
 
@@ -391,22 +389,3 @@ def _matching_tokenizer(tokenizer_path: str | None, vocab_size: int, corpus_dir:
                          f"vocab_size={vocab_size}; train a matching one with "
                          f"`xm2 train-tokenizer --vocab_size {vocab_size}`")
     return tokenizer
-
-
-def _start_run(client: mlflow.MlflowClient, experiment: str, run_name: str, params: dict) -> str:
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-    return run_id
-
-
-def _log_growth_factors(
-    client: mlflow.MlflowClient, run_id: str, factors: dict[tuple[str, int, str], float]
-) -> None:
-    now = int(time.time() * 1000)
-    metrics = [mlflow.entities.Metric(f"growth/{parametrization}/{module}", value, now, step)
-               for (parametrization, step, module), value in factors.items()
-               if math.isfinite(value)]
-    for start in range(0, len(metrics), 1000):  # MLflow's limit per log_batch call
-        client.log_batch(run_id, metrics=metrics[start:start + 1000])
