@@ -11,7 +11,8 @@ class MixtureMonitor(L.Callback):
 
     Logged every ``log_every_n_steps``: ``data/phase`` (0 stable, 1 decay) and
     ``mixture/<phase>/<source>``, the fraction of that phase's tokens so far that came from the
-    source. Compare them with the configured weights to see that the mixture took effect.
+    source, for the current phase only (a finished phase's last values stay its record).
+    Compare them with the configured weights to see that the mixture took effect.
     """
 
     def __init__(self) -> None:
@@ -22,10 +23,16 @@ class MixtureMonitor(L.Callback):
         counts = self.tokens.setdefault(batch["phase"], torch.zeros(len(names), dtype=torch.float64))
         tokens_per_row = batch["tokens"].shape[1] - 1
         counts += torch.bincount(batch["source_ids"].cpu(), minlength=len(names)).double() * tokens_per_row
-        fractions = {f"mixture/{batch['phase']}/{name}": (counts[i] / counts.sum()).item()
-                     for i, name in enumerate(names)}
-        pl_module.log_dict(fractions, reduce_fx="mean")
-        pl_module.log("data/phase", float(batch["phase"] == "decay"))
+        step, last_microbatch = batch["step"], (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if not last_microbatch or step % trainer.log_every_n_steps:
+            return
+        metrics = {f"mixture/{batch['phase']}/{name}": (counts[i] / counts.sum()).item()
+                   for i, name in enumerate(names)}
+        metrics["data/phase"] = float(batch["phase"] == "decay")
+        # Straight to the loggers: values given to pl_module.log stay in Lightning's results for
+        # the whole (endless) epoch and would be logged again, stale, after their phase ended.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def state_dict(self) -> dict:
         return {phase: counts.clone() for phase, counts in self.tokens.items()}

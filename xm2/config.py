@@ -55,8 +55,9 @@ class ModelConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model {name}={value!r} must be a positive integer")
         for name in ("rope_theta", "norm_eps", "scale_emb", "scale_depth", "init_std"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model {name}={getattr(self, name)!r} must be positive")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"model {name}={value!r} must be a finite number > 0")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "

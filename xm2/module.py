@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
+from xm2.checkpoint import CheckpointError
 from xm2.config import ModelConfig
 from xm2.model import Decoder
 from xm2.optimizer import OptimizerConfig, build_adamw
 from xm2.schedule import WSDSchedule
+from xm2.tracking import run_identity
+
+# Skipping steps can hide a run that has gone bad for good: stop after this many in a row.
+MAX_CONSECUTIVE_SKIPPED_STEPS = 10
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
 
 
 class Xm2Module(L.LightningModule):
@@ -23,20 +34,30 @@ class Xm2Module(L.LightningModule):
         architecture: ModelConfig = ModelConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         schedule: WSDSchedule = WSDSchedule(),
+        on_nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         """
         Args:
             architecture: Decoder shape and µP multipliers (presets in config/model/).
             optimizer: AdamW settings.
             schedule: WSD schedule; its decay_start_step also switches the data mixture.
+            on_nonfinite_loss: stop: end the run with an error, keeping the last good checkpoint;
+                skip: drop that step's update and go on (stops after 10 skipped steps in a row).
         """
         super().__init__()
+        if on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r}; allowed: stop, skip")
         self.architecture, self.optimizer_config, self.schedule = architecture, optimizer, schedule
+        self.on_nonfinite_loss = on_nonfinite_loss
         # Plain dicts, so checkpoints load with weights_only=True and MLflow gets flat params.
         self.save_hyperparameters({"architecture": asdict(architecture),
-                                   "optimizer": asdict(optimizer), "schedule": asdict(schedule)})
+                                   "optimizer": asdict(optimizer), "schedule": asdict(schedule),
+                                   "on_nonfinite_loss": on_nonfinite_loss})
         self.model = Decoder(architecture)
         self._val_sums: dict[str, torch.Tensor] = {}
+        self._tokens_per_step: int | None = None
+        self._skipped_in_a_row = 0
+        self.skipped_steps = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
@@ -50,13 +71,33 @@ class Xm2Module(L.LightningModule):
         if stage == "fit":
             self.schedule.check_run_length(self.trainer.max_steps)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         loss = self.loss(batch["tokens"])
-        tokens_per_step = (batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
-                           * self.trainer.accumulate_grad_batches * self.trainer.world_size)
+        self._tokens_per_step = (batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+                                 * self.trainer.accumulate_grad_batches * self.trainer.world_size)
+        # Decided by all ranks together, so that no rank waits on another that stopped or skipped.
+        nonfinite = self.trainer.strategy.reduce_boolean_decision(
+            not bool(torch.isfinite(loss)), all=False)
+        if nonfinite:
+            return self._nonfinite_step(loss)
+        self._skipped_in_a_row = 0
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens_seen", float((self.global_step + 1) * tokens_per_step))
+        self.log("train/tokens_seen", float((self.global_step + 1) * self._tokens_per_step))
         return loss
+
+    def _nonfinite_step(self, loss: torch.Tensor) -> None:
+        self.skipped_steps += 1
+        self._skipped_in_a_row += 1
+        if self.on_nonfinite_loss == "stop" or self._skipped_in_a_row > MAX_CONSECUTIVE_SKIPPED_STEPS:
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at step {self.global_step}"
+                + (f" after {self._skipped_in_a_row - 1} skipped steps in a row"
+                   if self.on_nonfinite_loss == "skip" else "")
+                + "; the run stopped and its last good checkpoint is kept. Lower "
+                "model.optimizer.lr, check the data, or set model.on_nonfinite_loss: skip"
+            )
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        return None  # Lightning skips the backward pass and the update of this step
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = {}
@@ -95,13 +136,46 @@ class Xm2Module(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        for name, tensor in checkpoint["state_dict"].items():
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                raise NonFiniteLossError(
+                    f"weight {name} is not finite at step {self.global_step}; the checkpoint was not "
+                    "written, so the last good one is kept. Lower model.optimizer.lr or check the data"
+                )
         checkpoint["mup"] = self.architecture.mup_settings()
+        checkpoint["xm2"] = {"record": self.checkpoint_record(), "trainer": self.trainer_settings()}
+
+    def checkpoint_record(self) -> dict:
+        """What a checkpoint says about its run; also written beside it (see xm2.checkpoint)."""
+        trainer, datamodule = self.trainer, self.trainer.datamodule
+        tokens = self.global_step * self._tokens_per_step if self._tokens_per_step else None
+        return {
+            "global_step": self.global_step,
+            "tokens_seen": tokens,
+            "decay_start_step": self.schedule.decay_start_step,
+            "tokenizer_sha256": getattr(datamodule, "tokenizer_sha256", None),
+            "tokenizer_path": str(getattr(datamodule, "tokenizer_path", "")) or None,
+            **run_identity(trainer.logger),
+        }
+
+    def trainer_settings(self) -> dict:
+        """The trainer settings that define a run: a resume with other values is refused."""
+        trainer = self.trainer
+        return {
+            "max_steps": trainer.max_steps,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+            "world_size": trainer.world_size,
+            "gradient_clip_val": trainer.gradient_clip_val,
+            "seed": os.environ.get("PL_GLOBAL_SEED"),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved, current = checkpoint.get("mup"), self.architecture.mup_settings()
         if saved is not None and saved != current:
             differences = {k: (saved.get(k), current[k]) for k in current if saved.get(k) != current[k]}
-            raise ValueError(
+            raise CheckpointError(
                 "checkpoint µP settings differ from this model's (key: (checkpoint, model)): "
                 f"{differences}; load it with the architecture it was trained with"
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +26,15 @@ class OptimizerConfig:
     """Decoupled weight decay of the embedding and hidden matrices (never the norm gains)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optimizer lr={self.lr} must be > 0")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer weight_decay={self.weight_decay} must be >= 0")
+        # Written so that NaN fails each check too: every comparison with NaN is false.
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optimizer lr={self.lr} must be a finite number > 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"optimizer weight_decay={self.weight_decay} must be a finite number >= 0")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"optimizer eps={self.eps} must be a finite number > 0")
+        if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"optimizer betas={tuple(self.betas)} must be two numbers in [0, 1)")
 
 
 def build_adamw(

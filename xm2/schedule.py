@@ -34,7 +34,7 @@ class WSDSchedule:
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ValueError(f"schedule warmup_steps={self.warmup_steps} must be >= 0")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
+        if not 0.0 <= self.min_lr_ratio <= 1.0:  # NaN fails this too
             raise ValueError(f"schedule min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.half_life_steps is not None and self.half_life_steps <= 0:
             raise ValueError(f"schedule half_life_steps={self.half_life_steps} must be > 0")

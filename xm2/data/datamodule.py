@@ -7,10 +7,17 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
+from xm2.checkpoint import CheckpointError
 from xm2.data.corpus import source_names as corpus_source_names
 from xm2.data.mixture import MixtureBatches, PackedRows, ValidationBatches, normalized_weights
 from xm2.data.shards import open_shard, shard_dir, write_shards
-from xm2.data.tokenizer import default_tokenizer_path, load_tokenizer, train_tokenizer
+from xm2.data.tokenizer import (
+    default_tokenizer_path,
+    file_digest,
+    load_tokenizer,
+    tokenizer_mismatch,
+    train_tokenizer,
+)
 
 DEFAULT_STABLE = {"prose": 0.4, "code": 0.3, "docs": 0.3}
 # About 64% instruction data in the decay phase, as in Xmodel-2.
@@ -68,6 +75,22 @@ class MixtureDataModule(L.LightningDataModule):
                 raise ValueError(f"data {name}={value} must be >= 1")
         self.source_names = sorted(set(self.stable) | set(self.decay))
         self.tokenizer_path = Path(tokenizer_path or default_tokenizer_path(vocab_size))
+        self._tokenizer_sha256: str | None = None
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        """Digest of the tokenizer file, recorded in checkpoints; None until it exists."""
+        if self._tokenizer_sha256 is None and self.tokenizer_path.is_file():
+            self._tokenizer_sha256 = file_digest(self.tokenizer_path)
+        return self._tokenizer_sha256
+
+    def state_dict(self) -> dict:
+        return {"tokenizer_sha256": self.tokenizer_sha256}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        problem = tokenizer_mismatch(state_dict.get("tokenizer_sha256"), self.tokenizer_path)
+        if problem:
+            raise CheckpointError(f"the checkpoint being loaded {problem}")
 
     def prepare_data(self) -> None:
         """Train the tokenizer and write token shards, once, if they are not there yet."""

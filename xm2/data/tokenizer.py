@@ -46,6 +46,7 @@ def train_tokenizer(
     sources: list[str] | None = None,
     max_lines: int = 1_000_000,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Train a Unigram tokenizer on the train split of the corpus and write ``output``.
 
@@ -56,6 +57,8 @@ def train_tokenizer(
         sources: Corpus sources to learn from; default all of them.
         max_lines: Lines sampled (with a fixed seed) from the training text.
         seed: Seed of that sample.
+        overwrite: Replace an existing, different tokenizer at ``output``. Checkpoints record
+            the digest of the tokenizer they were trained with and refuse any other.
     """
     output = Path(output) if output else default_tokenizer_path(vocab_size)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -82,6 +85,15 @@ def train_tokenizer(
         num_threads=2,
         minloglevel=2,
     )
+    if output.is_file() and not overwrite:
+        existing = file_digest(output)
+        if existing == hashlib.sha256(model.getvalue()).hexdigest():
+            return output  # the same tokenizer again: nothing changes
+        raise FileExistsError(
+            f"tokenizer {output} exists (SHA-256 {existing[:12]}…) and differs from the one just "
+            "trained; checkpoints trained with it would no longer load. Write to another --output, "
+            "or pass --overwrite true"
+        )
     # Write then rename, so a crash never leaves a truncated model behind.
     partial = output.with_suffix(".partial")
     partial.write_bytes(model.getvalue())
@@ -103,3 +115,19 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
 
 def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def tokenizer_mismatch(expected_sha256: str | None, path: str | Path) -> str | None:
+    """Why the tokenizer at ``path`` is not the one with ``expected_sha256``; None if it is.
+
+    A checkpoint without a recorded digest, or a tokenizer not yet trained, cannot be judged here.
+    """
+    path = Path(path)
+    if expected_sha256 is None or not path.is_file():
+        return None
+    actual = file_digest(path)
+    if actual == expected_sha256:
+        return None
+    return (f"was trained with the tokenizer of SHA-256 {expected_sha256[:12]}…, but "
+            f"{path} has SHA-256 {actual[:12]}…; point data.tokenizer_path at the tokenizer the "
+            "checkpoint was trained with")

@@ -1,0 +1,229 @@
+"""Checkpoint files you can trust: atomic on any filesystem, verified by a digest beside each.
+
+A checkpoint ``P`` is written as ``.P.partial`` in the same folder, fsynced, and renamed over ``P``,
+so a reader sees the old file or the new one, never a part of one, whatever the filesystems of the
+temporary folder and the checkpoints (a rename across filesystems is a copy that a kill can cut).
+Beside it, ``P.json`` records the file's SHA-256 and size and what the run was (step, tokens,
+MLflow run); it is written before the rename and keeps the previous digest too, so a kill between
+the two renames leaves a pair that still verifies. Loading checks the digest and refuses a damaged
+or truncated file by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+PARTIAL_PREFIX, PARTIAL_SUFFIX = ".", ".partial"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be used: damaged, mismatched, or not where it was looked for."""
+
+
+def record_path(path: str | Path) -> Path:
+    """The JSON record written beside checkpoint ``path``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def partial_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{PARTIAL_PREFIX}{path.name}{PARTIAL_SUFFIX}")
+
+
+def sha256_of(path: str | Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename itself is only durable once the folder entry is on disk.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a partial file beside it, then rename."""
+    partial = partial_path(path)
+    try:
+        with open(partial, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        # A full disk or an interrupt: no half-written file may survive under any name.
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+
+
+def read_record(path: str | Path) -> dict | None:
+    """The record beside checkpoint ``path``, or None for a checkpoint written without one."""
+    record = record_path(path)
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"checkpoint record {record} is damaged ({error})") from error
+
+
+def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
+    """Write ``checkpoint`` to ``path`` atomically with its digest record; return the record."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    try:
+        with open(partial, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            previous = read_record(path) if path.exists() else None
+        except CheckpointError:
+            previous = None  # a damaged record vouches for nothing
+        record = {
+            "file": path.name,
+            "sha256": sha256_of(partial),
+            "bytes": partial.stat().st_size,
+            **checkpoint.get("xm2", {}).get("record", {}),
+            # A kill between the two renames below leaves the old file with the new record:
+            # the old record, kept here, still vouches for it.
+            "previous": {k: v for k, v in previous.items() if k != "previous"} if previous else None,
+        }
+        _write_atomically(record_path(path), lambda f: f.write(json.dumps(record, indent=2).encode()))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
+    _fsync_dir(path.parent)
+    return record
+
+
+def verify_checkpoint(path: str | Path) -> dict | None:
+    """Check ``path`` against its record; raise :class:`CheckpointError` naming the file if not.
+
+    Returns the record that matches the file, or None for a checkpoint without one (written before records existed),
+    which can only be checked by loading it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    record = read_record(path)
+    if record is None:
+        return None
+    size = path.stat().st_size
+    digest = sha256_of(path)
+    if digest == record["sha256"] and size == record["bytes"]:
+        return record
+    previous = record.get("previous")
+    if previous and digest == previous["sha256"] and size == previous["bytes"]:
+        # The save after this one was cut between its two renames: this file is the intact one.
+        return previous
+    what = "truncated" if size < record["bytes"] else "damaged"
+    raise CheckpointError(
+        f"checkpoint {path} is {what}: {size} bytes with SHA-256 {digest[:16]}…, but it was written "
+        f"as {record['bytes']} bytes with SHA-256 {record['sha256'][:16]}…; resume from another "
+        "checkpoint of the run"
+    )
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Verify and load a checkpoint with ``weights_only=True``; errors name the file."""
+    verify_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is truncated "
+            "or not a checkpoint"
+        ) from error
+
+
+def remove_partial_files(directory: str | Path) -> list[Path]:
+    """Delete partial files that a killed save left in ``directory``; return what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    orphans = [p for p in directory.iterdir()
+               if p.name.startswith(PARTIAL_PREFIX) and p.name.endswith(PARTIAL_SUFFIX)]
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
+
+
+def check_writable(directory: str | Path) -> None:
+    """Refuse to start training into a checkpoint folder that cannot be written."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f"{PARTIAL_PREFIX}write-probe-{os.getpid()}{PARTIAL_SUFFIX}"
+        probe.write_bytes(b"xm2")
+        probe.unlink()
+    except OSError as error:
+        raise CheckpointError(
+            f"checkpoint folder {directory} is not writable ({error.strerror}); set "
+            "trainer.default_root_dir (or the ModelCheckpoint dirpath) to a folder you can write"
+        ) from error
+
+
+def find_checkpoints(root: str | Path) -> list[tuple[Path, dict]]:
+    """Every checkpoint under ``root`` that has a record, with its record."""
+    found = []
+    for record_file in Path(root).rglob("*.ckpt.json"):
+        checkpoint = record_file.with_name(record_file.name[: -len(".json")])
+        if checkpoint.is_file():
+            try:
+                found.append((checkpoint, json.loads(record_file.read_text())))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def find_last_checkpoint(root: str | Path, run_name: str | None, experiment: str | None) -> Path:
+    """The checkpoint of the furthest step among runs named ``run_name`` under ``root``.
+
+    This is what ``--ckpt_path last`` means in a fresh process: the checkpoint folder follows the
+    MLflow run id, which a new process does not know until it has found the checkpoint.
+    """
+    candidates = [
+        (record.get("global_step", -1), path.stat().st_mtime, path)
+        for path, record in find_checkpoints(root)
+        if (run_name is None or record.get("run_name") == run_name)
+        and (experiment is None or record.get("experiment_name") in (None, experiment))
+    ]
+    if not candidates:
+        raise CheckpointError(
+            f"--ckpt_path last: no checkpoint of run {run_name!r} (experiment {experiment!r}) "
+            f"under {root}; give a checkpoint path, or check trainer.default_root_dir and the "
+            "logger's run_name"
+        )
+    return max(candidates)[2]
+
+
+class VerifiedCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic saves, digest records and verified loads."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("VerifiedCheckpointIO takes no storage_options")
+        remove_partial_files(Path(path).parent)
+        save_checkpoint_file(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return load_checkpoint_file(path, map_location=map_location or "cpu")
+
+    def remove_checkpoint(self, path) -> None:
+        Path(path).unlink(missing_ok=True)
+        record_path(path).unlink(missing_ok=True)
