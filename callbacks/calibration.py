@@ -12,6 +12,7 @@ from xm2.analysis import artifacts
 from xm2.analysis.calibration import calibration_report, plot_reliability
 from xm2.analysis.eval_data import load_eval_set
 from xm2.analysis.multiple_choice import FORMATS, evaluate_multiple_choice
+from xm2.checkpoint import read_record
 from xm2.data.tokenizer import EOS_ID, load_tokenizer
 
 
@@ -58,9 +59,22 @@ class AnalysisSchedule(L.Callback):
             self._run(trainer, pl_module, trainer.global_step)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        # Under `xm2 validate --ckpt_path`: once, at the checkpoint's step.
+        # Under `xm2 validate --ckpt_path`: once, keyed by the checkpoint's step.
         if trainer.state.fn == "validate":
-            self._run(trainer, pl_module, trainer.global_step)
+            self._run(trainer, pl_module, checkpoint_step(trainer))
+
+
+def checkpoint_step(trainer) -> int:
+    """The optimizer step of the checkpoint being validated (validate restores weights only, so
+    ``trainer.global_step`` is 0 there)."""
+    path = trainer.ckpt_path
+    if not path:
+        return trainer.global_step
+    record = read_record(path)
+    if record and record.get("global_step") is not None:
+        return int(record["global_step"])
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint.get("global_step", trainer.global_step))
 
 
 def log_metrics(trainer, metrics: dict[str, float], step: int) -> None:

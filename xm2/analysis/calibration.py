@@ -116,19 +116,22 @@ def plot_reliability(report: CalibrationReport, title: str = "", ax=None):
     centres = (bins.edges[:-1] + bins.edges[1:]) / 2
     width = bins.edges[1] - bins.edges[0]
     filled = bins.count > 0
-    ax.bar(centres[filled], bins.accuracy[filled], width=width * 0.9, color="tab:blue",
-           edgecolor="black", alpha=0.8, label="accuracy")
-    ax.bar(centres[filled], bins.mean_confidence[filled] - bins.accuracy[filled],
-           bottom=bins.accuracy[filled], width=width * 0.9, color="tab:red", alpha=0.25,
-           hatch="//", label="gap to mean confidence")
+    accuracy, confidence = bins.accuracy[filled], bins.mean_confidence[filled]
+    ax.bar(centres[filled], accuracy, width=width * 0.9, color="tab:blue", edgecolor="black",
+           alpha=0.8, label="accuracy")
+    # The gap of each bin, from its accuracy to its mean confidence, outlined in red.
+    ax.bar(centres[filled], np.abs(confidence - accuracy), bottom=np.minimum(confidence, accuracy),
+           width=width * 0.9, facecolor="none", edgecolor="tab:red", hatch="//",
+           label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect calibration")
     ax.axhline(report.chance, ls=":", color="black", lw=0.8, label=f"chance {report.chance:.2f}")
     for x, n in zip(centres[filled], bins.count[filled], strict=True):
-        ax.text(x, 1.01, str(n), ha="center", va="bottom", fontsize=7, rotation=90)
-    ax.set(xlim=(0, 1), ylim=(0, 1.12), xlabel="confidence", ylabel="accuracy",
+        ax.text(x, 1.02, str(n), ha="center", va="bottom", fontsize=7)
+    ax.text(0.01, 1.08, "items per bin", fontsize=7, va="bottom")
+    ax.set(xlim=(0, 1), ylim=(0, 1.15), xlabel="confidence", ylabel="accuracy",
            title=(title + "\n" if title else "")
            + f"acc {report.accuracy:.3f}  ECE {report.ece:.3f}  MCE {report.mce:.3f}  "
              f"Brier {report.brier:.3f}  (n={report.items})")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, 0.87))
     return fig
