@@ -103,6 +103,12 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
             "previous": {k: v for k, v in previous.items() if k != "previous"} if previous else None,
         }
         _write_atomically(record_path(path), lambda f: f.write(json.dumps(record, indent=2).encode()))
+    except Exception as error:
+        partial.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"saving checkpoint {path} failed ({type(error).__name__}: {error}); nothing was written "
+            "under its name and earlier checkpoints are intact. Is the disk full?"
+        ) from error
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
