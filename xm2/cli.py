@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from xm2 import resume, tracking
+from xm2.analysis.eval_data import prepare_eval
 from xm2.checkpoint import (
     CheckpointError,
     VerifiedCheckpointIO,
@@ -33,9 +34,13 @@ from xm2.data.corpus import source_names
 from xm2.data.datamodule import MixtureDataModule
 from xm2.data.shards import write_shards
 from xm2.data.tokenizer import default_tokenizer_path, tokenizer_mismatch, train_tokenizer
+from xm2.interop.sharded import consolidate_checkpoint
+from xm2.memory import memory
 from xm2.module import NonFiniteLossError, Xm2Module
 from xm2.studies.coord_check import coord_check
+from xm2.studies.decay import decay_study
 from xm2.studies.sweep import sweep
+from xm2.studies.windtunnel import windtunnel
 
 
 class TrackConfig(SaveConfigCallback):
@@ -268,8 +273,13 @@ TOOLS = {
     "tokenize": tokenize,
     "coord-check": coord_check,
     "sweep": sweep,
+    "windtunnel": windtunnel,
+    "prepare-eval": prepare_eval,
     "branches": tracking.print_branches,
+    "decay-study": decay_study,
     "tracking-sync": tracking.tracking_sync,
+    "consolidate-checkpoint": consolidate_checkpoint,
+    "memory": memory,
 }
 
 
