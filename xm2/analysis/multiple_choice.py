@@ -89,27 +89,36 @@ def score_requests(model: torch.nn.Module, encoded: list[tuple[list[int], int]],
                    batch_size: int = 32) -> np.ndarray:
     """Sum of log-probabilities of each request's continuation tokens, in batches.
 
-    ``model`` maps (batch, seq) ids to (batch, seq, vocab) logits. Requests are sorted by length so
-    that batches carry little padding.
+    ``model`` maps (batch, seq) ids to (batch, seq, vocab) logits. Requests whose inputs are the
+    same token sequence share one forward pass (in the letter format, all options of a question
+    differ only in their last token, the one being predicted). Inputs are sorted by length so that
+    batches carry little padding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     device = next(model.parameters()).device
+    inputs_of: dict[tuple[int, ...], int] = {}
+    owner = [inputs_of.setdefault(tuple(ids[:-1]), len(inputs_of)) for ids, _ in encoded]
+    unique = list(inputs_of)
+    readers: list[list[int]] = [[] for _ in unique]
+    for request, sequence in enumerate(owner):
+        readers[sequence].append(request)
     scores = np.zeros(len(encoded))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(encoded[i][0]) for i in chunk) - 1
-        inputs = torch.zeros(len(chunk), width, dtype=torch.long)
+        batch = torch.zeros(len(chunk), max(len(unique[i]) for i in chunk), dtype=torch.long)
         for row, i in enumerate(chunk):
-            ids = encoded[i][0][:-1]
-            inputs[row, :len(ids)] = torch.tensor(ids)
-        log_probs = F.log_softmax(model(inputs.to(device)).float(), dim=-1).cpu()
+            batch[row, :len(unique[i])] = torch.tensor(unique[i])
+        logits = model(batch.to(device))
         for row, i in enumerate(chunk):
-            ids, n_continuation = encoded[i]
-            targets = torch.tensor(ids[-n_continuation:])
-            positions = torch.arange(len(ids) - 1 - n_continuation, len(ids) - 1)
-            scores[i] = log_probs[row, positions, targets].sum().item()
+            for request in readers[i]:
+                ids, n_continuation = encoded[request]
+                targets = torch.tensor(ids[-n_continuation:], device=logits.device)
+                # Only the positions that predict the continuation need a softmax.
+                log_probs = F.log_softmax(logits[row, len(ids) - 1 - n_continuation:len(ids) - 1]
+                                          .float(), dim=-1)
+                scores[request] = log_probs.gather(1, targets[:, None]).sum().item()
     return scores
 
 
