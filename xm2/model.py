@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from xm2 import mup
 from xm2.config import ModelConfig
@@ -85,17 +86,37 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        # Not persistent: derived from the config, so checkpoints hold only learned weights.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        device = torch.get_default_device()  # meta inside `with torch.device("meta")`
+        # Built on the meta device and then given values once, by µP init alone: no memory or
+        # random numbers spent on PyTorch's default init, and the weights depend only on the
+        # generator state here, so a model materialised later from that state is the same one.
+        with torch.device("meta"):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+            self.norm = nn.RMSNorm(config.hidden_size, eps=config.norm_eps)
+            # Not persistent: derived from the config, so checkpoints hold only learned weights.
+            shape = (config.max_seq_len, config.head_dim)
+            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        self.activation_checkpointing = False
+        """Recompute each block in the backward pass instead of keeping its activations (set by
+        :func:`xm2.parallel.apply`)."""
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """µP initialisation (rule 3); see :func:`xm2.mup.init_parameters`."""
+        """RoPE tables and µP initialisation (rule 3), on whatever device the model is on.
+
+        Sharded training builds the model on the meta device and materialises it with
+        ``to_empty()``, which leaves every tensor uninitialised, buffers included; this method
+        is what gives them their values again (see :func:`xm2.parallel.materialize`).
+        """
+        with torch.no_grad():
+            cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len,
+                                   self.config.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
         mup.init_parameters(self, self.config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -106,7 +127,10 @@ class Decoder(nn.Module):
         # µP rule 1: embedding output × scale_emb.
         h = self.embed_tokens(input_ids) * self.config.scale_emb
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
         h = self.norm(h)
         # µP rule 5: logits × 1/m, through the tied embedding.
         return F.linear(h, self.embed_tokens.weight) / self.config.width_multiplier

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict
 from typing import Literal
@@ -15,6 +16,8 @@ from xm2.checkpoint import CheckpointError
 from xm2.config import ModelConfig
 from xm2.model import Decoder
 from xm2.optimizer import OptimizerConfig, build_adamw
+from xm2.parallel import ParallelConfig
+from xm2.parallel import apply as apply_parallel
 from xm2.schedule import WSDSchedule
 from xm2.tracking import run_identity
 
@@ -35,6 +38,7 @@ class Xm2Module(L.LightningModule):
         optimizer: OptimizerConfig = OptimizerConfig(),
         schedule: WSDSchedule = WSDSchedule(),
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
+        parallel: ParallelConfig = ParallelConfig(),
     ) -> None:
         """
         Args:
@@ -43,6 +47,9 @@ class Xm2Module(L.LightningModule):
             schedule: WSD schedule; its decay_start_step also switches the data mixture.
             on_nonfinite_loss: stop: end the run with an error, keeping the last good checkpoint;
                 skip: drop that step's update and go on (stops after 10 skipped steps in a row).
+            parallel: Sharding (FSDP2) mixed precision, activation checkpointing, compile per
+                block and meta-device construction; the strategy itself is trainer.strategy
+                (config/trainer/).
         """
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
@@ -52,8 +59,15 @@ class Xm2Module(L.LightningModule):
         # Plain dicts, so checkpoints load with weights_only=True and MLflow gets flat params.
         self.save_hyperparameters({"architecture": asdict(architecture),
                                    "optimizer": asdict(optimizer), "schedule": asdict(schedule),
-                                   "on_nonfinite_loss": on_nonfinite_loss})
-        self.model = Decoder(architecture)
+                                   "on_nonfinite_loss": on_nonfinite_loss,
+                                   "parallel": asdict(parallel)})
+        self.parallel = parallel
+        # On the meta device the model takes no memory until configure_model has sharded it;
+        # it is then initialised from the generator state of this moment, so it is the model
+        # that would have been built here.
+        self._init_rng_state = torch.get_rng_state() if parallel.meta_init else None
+        with torch.device("meta") if parallel.meta_init else contextlib.nullcontext():
+            self.model = Decoder(architecture)
         self._val_sums: dict[str, torch.Tensor] = {}
         self._tokens_per_step: int | None = None
         self._skipped_in_a_row = 0
@@ -61,6 +75,15 @@ class Xm2Module(L.LightningModule):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def configure_model(self) -> None:
+        """Shard, checkpoint, compile and materialise the decoder for this run's strategy."""
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        device = strategy.root_device if strategy is not None else self.device
+        with torch.random.fork_rng(devices=[]):
+            if self._init_rng_state is not None:
+                torch.set_rng_state(self._init_rng_state)
+            apply_parallel(self.model, self.parallel, strategy, device)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a (batch, seq+1) token block, in fp32."""
@@ -103,21 +126,38 @@ class Xm2Module(L.LightningModule):
         self._val_sums = {}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Padding batches (source None) keep every rank at the same number of forward passes,
+        # which sharded models need (each forward gathers parameters from all ranks).
         loss = self.loss(batch["tokens"])
+        if batch["source"] is None:
+            return
         count = batch["tokens"][:, 1:].numel()
         sums = self._val_sums.setdefault(batch["source"], torch.zeros(2, device=self.device))
         sums += torch.stack([loss.detach().float() * count, torch.tensor(count, device=self.device)])
 
+    def _validation_sources(self) -> list[str]:
+        """Every source any rank validated, in one order on all ranks."""
+        names = set(self._val_sums)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, sorted(names))
+            names = set().union(*gathered)
+        return sorted(names)
+
     def on_validation_epoch_end(self) -> None:
-        # Every rank sees every source, so summing per source across ranks lines up.
-        metrics = {}
-        for source in sorted(self._val_sums):
-            loss_sum, count = self.trainer.strategy.reduce(self._val_sums[source], reduce_op="sum")
-            metrics[f"val/loss_{source}"] = loss_sum / count
+        # Ranks validate different batches and may see different sources; all of them reduce one
+        # (sources × [loss sum, token count]) tensor over the same sorted list, zeros where a rank
+        # saw none of a source, so the collectives match and each row sums one source.
+        sources = self._validation_sources()
+        sums = torch.stack([self._val_sums.get(name, torch.zeros(2, device=self.device))
+                            for name in sources]) if sources else torch.zeros(0, 2)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        metrics = {f"val/loss_{name}": sums[i, 0] / sums[i, 1] for i, name in enumerate(sources)}
         if metrics:
             metrics["val/loss"] = torch.stack(list(metrics.values())).mean()
-            self.log_dict(metrics, prog_bar=False)
-            self.log("val_loss", metrics["val/loss"], prog_bar=True)
+            # Equal on every rank already; sync_dist only tells Lightning so.
+            self.log_dict(metrics, prog_bar=False, sync_dist=True)
+            self.log("val_loss", metrics["val/loss"], prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.validation_step(batch, batch_idx)

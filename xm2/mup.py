@@ -14,6 +14,7 @@ from enum import Enum
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from xm2.config import ModelConfig
 
@@ -71,7 +72,7 @@ def init_parameters(model: nn.Module, config: ModelConfig) -> None:
         if role is Role.VECTOR:
             nn.init.ones_(parameter)
         else:
-            nn.init.normal_(parameter, mean=0.0, std=init_std(role, config))
+            _normal_(parameter, init_std(role, config))
 
 
 def param_groups(
@@ -100,3 +101,21 @@ def param_groups(
         for role, parameters in grouped.items()
         if parameters
     ]
+
+
+def _normal_(parameter: torch.Tensor, std: float) -> None:
+    """Draw N(0, std²) into ``parameter`` from the CPU generator, whatever its device and sharding.
+
+    The CPU generator makes the weights depend on the seed only, not on where the model lives.
+    DTensor has no sharding-aware random numbers on CPU, so a sharded parameter's ranks each draw
+    the whole tensor from the same generator state and keep their own shard: the model is the one
+    a single device builds from that seed, whatever the number of shards.
+    """
+    full = torch.empty(parameter.shape, dtype=parameter.dtype).normal_(0.0, std)
+    if isinstance(parameter, DTensor):
+        local = parameter.to_local()
+        full = distribute_tensor(full.to(local.device), parameter.device_mesh,
+                                 parameter.placements, src_data_rank=None).to_local()
+        local.copy_(full)
+    else:
+        parameter.copy_(full)

@@ -116,7 +116,13 @@ class MixtureBatches(IterableDataset):
 
 
 class ValidationBatches(IterableDataset):
-    """The first rows of each source's held-out split, in order, as ``{"tokens", "source"}``."""
+    """The first rows of each source's held-out split, in order, as ``{"tokens", "source"}``.
+
+    With several ranks, the batches of all sources are dealt out in turn, and ranks left with
+    fewer get padding batches (``source`` None, tokens of a real batch) until all have the same
+    number: a sharded model gathers its parameters from every rank in each forward pass, so a
+    rank with one batch more would wait for ever. The loss sums ignore padding.
+    """
 
     def __init__(
         self, sources: Mapping[str, PackedRows], batch_size: int, batches_per_source: int,
@@ -133,8 +139,19 @@ class ValidationBatches(IterableDataset):
                 block = [rows[r] for r in range(start, min(start + self.batch_size, count))]
                 yield {"tokens": torch.from_numpy(np.stack(block)), "source": name}
 
+    def rank_batches(self) -> Iterator[dict]:
+        """This rank's batches: every world_size-th one, padded to the same count on all ranks."""
+        total = sum(math.ceil(min(len(rows), self.batch_size * self.batches_per_source)
+                              / self.batch_size) for rows in self.sources.values())
+        served = 0
+        for batch in itertools.islice(self._all_batches(), self.rank, None, self.world_size):
+            served += 1
+            yield batch
+        padding = next(self._all_batches())["tokens"]
+        for _ in range(math.ceil(total / self.world_size) - served):
+            yield {"tokens": padding, "source": None}
+
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        shard, num_shards = self.rank * num_workers + worker_id, self.world_size * num_workers
-        return itertools.islice(self._all_batches(), shard, None, num_shards)
+        return itertools.islice(self.rank_batches(), worker_id, None, num_workers)

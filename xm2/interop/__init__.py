@@ -1,0 +1,1 @@
+"""Conversions between xm2's checkpoint layouts and other formats."""
