@@ -41,6 +41,7 @@ from xm2.studies.coord_check import coord_check
 from xm2.studies.decay import decay_study
 from xm2.studies.sweep import sweep
 from xm2.studies.windtunnel import windtunnel
+from xm2.studies.windtunnel import windtunnel
 
 
 class TrackConfig(SaveConfigCallback):
@@ -273,6 +274,7 @@ TOOLS = {
     "tokenize": tokenize,
     "coord-check": coord_check,
     "sweep": sweep,
+    "windtunnel": windtunnel,
     "windtunnel": windtunnel,
     "prepare-eval": prepare_eval,
     "branches": tracking.print_branches,

@@ -1,0 +1,287 @@
+"""The wind tunnel: settings checks, the trial-seeded sampler, and real miniature studies (a few
+trials of a few steps of a 2-layer model) run through ``xm2 windtunnel`` into a journal file
+and a real MLflow store: end to end, killed and resumed, two workers on one storage."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import CORPUS, ROOT
+from xm2.cli import main
+from xm2.studies.windtunnel import (
+    Dimension,
+    Runs,
+    Sampler,
+    SearchSpace,
+    load_recipe,
+    make_sampler,
+    open_storage,
+    run_shape,
+    shortened,
+    windtunnel,
+)
+
+EXPERIMENT = "wt-test"
+PLANTED_LR = 100.0  # diverges within a step or two
+
+
+def mini_settings(tmp_path: Path, tokenizer_path: Path, shards: Path, **changes) -> dict:
+    """A study of 2-layer, 64-wide models, 4 steps of 4 × 32 tokens per trial."""
+    settings = {
+        "name": "mini",
+        "trials": 4,
+        "proxy": {
+            "configs": [str(ROOT / "config" / "nano.yaml")],
+            "tokens": 4 * 32 * 4,
+            "validations": 2,
+            "overrides": {
+                "model.architecture.vocab_size": 512, "model.architecture.hidden_size": 64,
+                "model.architecture.intermediate_size": 160, "model.architecture.num_layers": 2,
+                "model.architecture.num_heads": 2, "model.architecture.max_seq_len": 32,
+                "data.batch_size": 4, "data.val_batches_per_source": 1,
+                "data.corpus_dir": str(CORPUS), "data.tokenizer_path": str(tokenizer_path),
+                "data.shards_dir": str(shards.parent), "trainer.precision": "32-true",
+                # best.yaml is this recipe: keep it seconds long as well.
+                "trainer.max_steps": 8, "trainer.val_check_interval": 4,
+                "model.schedule.warmup_steps": 2, "model.schedule.decay_start_step": 6,
+            },
+        },
+        "sampler": {"kind": "tpe", "seed": 3, "startup_trials": 2},
+        "pruner": {"kind": "median", "startup_trials": 2, "warmup_validations": 1},
+        "output_dir": str(tmp_path / "out"),
+        "experiment_name": EXPERIMENT,
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+    }
+    settings.update(changes)
+    return settings
+
+
+def as_arguments(settings: dict) -> dict:
+    """The settings as the Python arguments of ``windtunnel`` (dataclasses, tuples)."""
+    from xm2.studies.windtunnel import Pruner
+
+    proxy = dict(settings["proxy"], configs=tuple(settings["proxy"]["configs"]))
+    return {**settings, "proxy": Runs(**proxy), "sampler": Sampler(**settings["sampler"]),
+            "pruner": Pruner(**settings["pruner"])}
+
+
+def load(settings: dict) -> optuna.Study:
+    storage = Path(settings["output_dir"]) / settings["name"] / "journal.log"
+    return optuna.load_study(study_name=settings["name"], storage=open_storage(str(storage)))
+
+
+def worker(settings: dict, config: Path, cwd: Path) -> subprocess.Popen:
+    """``xm2 windtunnel --config <config>`` in its own process, as a user's terminal runs it."""
+    config.write_text(yaml.safe_dump(settings))
+    return subprocess.Popen([sys.executable, "-m", "xm2.cli", "windtunnel", "--config",
+                             str(config)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def children(settings: dict) -> list:
+    client = MlflowClient(settings["tracking_uri"])
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    return client.search_runs([experiment], "tags.`windtunnel.role` = 'trial'")
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize(("dimension", "message"), [
+    (Dimension(low=0.001, high=0.1, step=0.001, log=True), "not both"),
+    (Dimension(low=5, high=2), "need low < high"),
+    (Dimension(choices=(32, 64), low=1), "choices or low/high"),
+    (Dimension(low=0, high=1, log=True), "low > 0"),
+])
+def test_an_ill_formed_dimension_is_refused_by_name(dimension, message):
+    with pytest.raises(ValueError, match=message) as error:
+        dimension.distribution("lr")
+    assert "space.lr" in str(error.value)
+
+
+def test_the_default_space_is_the_papers_and_an_empty_one_is_refused():
+    space = SearchSpace().distributions()
+    assert space["scale_emb"].low == 2 and space["scale_emb"].high == 20
+    assert space["scale_emb"].step == 1
+    assert space["dim_model_base"].choices == (32, 64, 128, 256, 512, 1024)
+    assert (space["scale_depth"].low, space["scale_depth"].high) == (1.0, 5.0)
+    assert space["lr"].log and (space["lr"].low, space["lr"].high) == (0.001, 0.1)
+    with pytest.raises(ValueError, match="space is empty"):
+        SearchSpace(None, None, None, None, None).distributions()
+
+
+def test_a_trial_is_the_recipe_shortened_to_the_token_budget():
+    runs = Runs(configs=(str(ROOT / "config" / "nano.yaml"),), tokens=100 * 4096, validations=4,
+                warmup_fraction=0.1, decay_fraction=0.2)
+    recipe = load_recipe(runs)
+    shape = run_shape(recipe, runs)  # nano: 16 rows × 256 tokens per step
+    assert (shape.steps, shape.validation_interval, shape.tokens_per_step) == (100, 25, 4096)
+    assert (shape.warmup_steps, shape.decay_start_step) == (10, 80)
+    config = shortened(recipe, runs, shape, {"lr": 0.02, "dim_model_base": 64})
+    assert config["model"]["optimizer"]["lr"] == 0.02
+    assert config["model"]["architecture"]["dim_model_base"] == 64
+    assert config["trainer"]["max_steps"] == 100 and config["trainer"]["val_check_interval"] == 25
+    assert config["model"]["schedule"] == {**recipe["model"]["schedule"], "warmup_steps": 10,
+                                           "decay_start_step": 80}
+    kept = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
+    assert "lightning.pytorch.callbacks.ModelCheckpoint" not in kept
+    assert "lightning.pytorch.callbacks.LearningRateMonitor" in kept
+    assert recipe["trainer"]["max_steps"] == 300  # the recipe itself is untouched
+    with pytest.raises(FileNotFoundError, match="no/such.yaml"):
+        load_recipe(Runs(configs=("no/such.yaml",)))
+
+
+@pytest.mark.parametrize("kind", ["tpe", "gp"])
+def test_trial_n_is_proposed_with_seed_plus_n_whatever_the_process(kind):
+    space = {"x": optuna.distributions.FloatDistribution(-3, 3),
+             "n": optuna.distributions.IntDistribution(0, 10)}
+
+    def proposals(finished_before_restart: int) -> list[dict]:
+        study = optuna.create_study(sampler=make_sampler(Sampler(kind, seed=7, startup_trials=2)))
+        points = []
+        for number in range(5):
+            if number == finished_before_restart:  # a new process: a new sampler object
+                study.sampler = make_sampler(Sampler(kind, seed=7, startup_trials=2))
+            trial = study.ask(space)
+            study.tell(trial, (trial.params["x"] - 1) ** 2 + trial.params["n"])
+            points.append(trial.params)
+        return points
+
+    uninterrupted = proposals(finished_before_restart=-1)
+    assert proposals(finished_before_restart=3) == uninterrupted
+    assert len({tuple(point.values()) for point in uninterrupted}) == 5
+
+
+# ----------------------------------------------------------------------------- real studies
+
+
+@pytest.mark.slow
+def test_a_miniature_study_end_to_end_with_a_planted_diverging_trial(
+    tmp_path, tokenizer_path, shards, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # MLflow puts artifacts under the working directory
+    settings = mini_settings(tmp_path, tokenizer_path, shards, enqueue=[{"lr": PLANTED_LR}])
+    summary = windtunnel(**as_arguments(settings))
+
+    trials = load(settings).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL,
+                                         TrialState.COMPLETE, TrialState.COMPLETE]
+    baseline, planted = trials[0], trials[1]
+    # Trial 0 is the recipe's own values (config/nano.yaml), then the planted point.
+    assert baseline.params == {"scale_emb": 12, "dim_model_base": 256, "scale_depth": 1.4,
+                               "lr": 0.01}
+    assert planted.params["lr"] == PLANTED_LR
+    assert planted.user_attrs["failure"] == "diverged"
+    assert "training loss" in planted.user_attrs["reason"]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value)
+    assert summary["best"]["trial"] == best.number
+
+    client = MlflowClient(settings["tracking_uri"])
+    runs = children(settings)
+    parent_id = summary["mlflow_parent_run_id"]
+    assert {run.data.tags["mlflow.parentRunId"] for run in runs} == {parent_id}
+    by_trial = {int(run.data.tags["optuna.trial"]): run for run in runs}
+    assert sorted(by_trial) == [0, 1, 2, 3]
+    assert by_trial[1].info.status == "FAILED"
+    assert by_trial[1].data.tags["optuna.state"] == "FAIL"
+    for trial in complete:
+        run = by_trial[trial.number]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["objective"] == pytest.approx(trial.value)
+        assert float(run.data.params["trial/lr"]) == pytest.approx(trial.params["lr"])
+        assert float(run.data.params["optimizer/lr"]) == pytest.approx(trial.params["lr"])
+        # Two validations, reported to the trial at optimizer steps 2 and 4.
+        assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2
+        assert sorted(trial.intermediate_values) == [2, 4]
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best/value"] == pytest.approx(best.value)
+    assert parent.data.metrics["best/lr"] == pytest.approx(best.params["lr"])
+    assert set(parent.data.metrics) >= {f"importance/{name}" for name in best.params}
+    artifacts = {artifact.path for artifact in client.list_artifacts(parent_id)}
+    assert artifacts >= {"best.yaml", "history.png", "slices.png", "importances.png",
+                         "trials.csv", "summary.json"}
+    output = tmp_path / "out" / "mini"
+    for figure in ("history", "slices", "importances"):
+        assert (output / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
+
+    # The best configuration is an xm2 fit config that runs as is.
+    best_yaml = output / "best.yaml"
+    config = yaml.safe_load(best_yaml.read_text())
+    assert config["model"]["optimizer"]["lr"] == pytest.approx(best.params["lr"])
+    assert config["model"]["architecture"]["dim_model_base"] == best.params["dim_model_base"]
+    main(["fit", "--config", str(best_yaml)])
+    (fitted,) = client.search_runs([client.get_experiment_by_name("xm2").experiment_id],
+                                   "attributes.run_name = 'mini-best'")
+    assert fitted.info.status == "FINISHED"
+    assert float(fitted.data.params["optimizer/lr"]) == pytest.approx(best.params["lr"])
+    assert fitted.data.metrics["val/loss"] < math.log(512)  # it learnt
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_and_a_killed_one_resumes_without_repeating_trials(
+    tmp_path, tokenizer_path, shards
+):
+    settings = mini_settings(tmp_path, tokenizer_path, shards, trials=4, baseline=False)
+    MlflowClient(settings["tracking_uri"]).search_experiments()  # create the store once
+    config = tmp_path / "study.yaml"
+    first, second = worker(settings, config, tmp_path), worker(settings, config, tmp_path)
+    deadline = time.time() + 240
+    while True:  # kill the first worker inside a trial, once the study has a finished one
+        assert first.poll() is None and time.time() < deadline, first.stdout.read()
+        storage = tmp_path / "out" / "mini" / "journal.log"
+        trials = load(settings).get_trials() if storage.exists() else []
+        mine = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in
+                t.user_attrs and t.user_attrs.get("worker", "").endswith(f":{first.pid}")]
+        if mine and any(t.state == TrialState.COMPLETE for t in trials):
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            break
+        time.sleep(0.05)
+    interrupted = mine[0].number
+    before = {t.number: t for t in load(settings).get_trials()}
+    resumed = worker(settings, config, tmp_path)  # the same command again
+    for process in (second, resumed):
+        assert process.wait(timeout=300) == 0, process.stdout.read()
+
+    trials = load(settings).get_trials()
+    counted = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(counted) == 4
+    for number, trial in before.items():  # finished trials are kept, not run again
+        if trial.state == TrialState.COMPLETE:
+            assert trials[number].state == TrialState.COMPLETE
+            assert trials[number].value == trial.value
+    assert trials[interrupted].state == TrialState.FAIL
+    assert trials[interrupted].user_attrs["failure"] == f"worker {mine[0].user_attrs['worker']} gone"
+    # Anything else failed is a trial refused as surplus in a race for the last place: never run.
+    assert all(t.user_attrs.get("failure") == "surplus" and "mlflow_run_id" not in t.user_attrs
+               for t in trials if t not in counted and t.number != interrupted)
+    workers = {t.user_attrs["worker"].rsplit(":", 1)[1] for t in counted}
+    assert {str(second.pid), str(resumed.pid)} <= workers  # both live workers ran trials
+    assert len({tuple(sorted(t.params.items())) for t in trials if t.params}) == len(
+        [t for t in trials if t.params])  # no point was proposed twice
+
+    runs = {int(run.data.tags["optuna.trial"]): run for run in children(settings)}
+    assert runs[interrupted].info.status == "KILLED"
+    assert sorted(number for number, run in runs.items()
+                  if run.data.tags.get("optuna.state") in ("COMPLETE", "PRUNED")) == sorted(
+        t.number for t in counted)
+    assert len({run.data.tags["mlflow.parentRunId"] for run in runs.values()}) == 1
+    parent = MlflowClient(settings["tracking_uri"]).get_run(
+        next(iter(runs.values())).data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED"
+    assert "best.yaml" in {a.path for a in MlflowClient(settings["tracking_uri"]).list_artifacts(
+        parent.info.run_id)}
