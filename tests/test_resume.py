@@ -91,6 +91,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run_step_for_step(tmp_path
     assert max(differences) <= 1e-6, max(differences)
     phases = history(client_b, run_b.info.run_id, "data/phase")
     assert set(phases[7]) == {0.0} and set(phases[8]) == {1.0}
+    # A finished phase's mixture fractions stop being logged when the phase ends.
+    assert max(history(client_b, run_b.info.run_id, "mixture/stable/prose")) == 7
+    assert min(history(client_b, run_b.info.run_id, "mixture/decay/prose")) == 8
 
 
 @pytest.mark.parametrize(
@@ -115,6 +118,19 @@ def test_a_mismatched_resume_or_validate_is_refused_naming_each_difference(
     assert difference in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # refused before any run was opened
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--model.optimizer.lr", ".inf"], "optimizer lr=inf must be a finite number > 0"),
+    (["--model.optimizer.weight_decay", ".nan"], "weight_decay=nan must be a finite number >= 0"),
+    (["--model.architecture.scale_emb", ".nan"], "model scale_emb=nan must be a finite number > 0"),
+])
+def test_nonfinite_hyperparameters_are_refused_up_front(tmp_path, tokenizer_path, shards, override,
+                                                       message):
+    result = xm2("fit", *smoke_args(tmp_path, tokenizer_path, shards), *override, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_a_checkpoint_is_refused_with_another_tokenizer(finished_run, shards, tmp_path):
@@ -287,3 +303,20 @@ def test_training_outlives_the_tracking_server_and_its_metrics_are_sent_later(
     finally:
         kill_server(server)
     assert not backlog.exists()
+
+
+def test_a_resume_extends_the_same_run_and_applies_safe_changes(finished_run, tokenizer_path,
+                                                                  shards):
+    folder = finished_run["folder"]
+    result = xm2("fit", *smoke_args(folder, tokenizer_path, shards), "--ckpt_path", "last",
+                 "--trainer.max_steps", "14", "--data.val_batches_per_source", "1", cwd=folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Applied: trainer.max_steps: 12 (checkpoint) -> 14" in result.stderr
+    assert "Applied: data.val_batches_per_source: 2 (checkpoint) -> 1" in result.stderr
+    client = MlflowClient(f"sqlite:///{folder}/mlflow.db")
+    run = client.get_run(finished_run["run_id"])
+    assert run.info.status == "FINISHED"
+    assert max(history(client, run.info.run_id, "train/loss")) == 13
+    # MLflow keeps the value a run started with; the change is on record as a tag.
+    assert run.data.params["val_batches_per_source"] == "2"
+    assert run.data.tags["xm2.changed_on_resume.val_batches_per_source"] == "2 -> 1"

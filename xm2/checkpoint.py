@@ -22,6 +22,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 PARTIAL_PREFIX, PARTIAL_SUFFIX = ".", ".partial"
+SHARDED_METADATA = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor state
 
 
 class CheckpointError(ValueError):
@@ -117,6 +118,9 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
     return record
 
 
+_verified_digests: dict[tuple[str, int, int], str] = {}
+
+
 def verify_checkpoint(path: str | Path) -> dict | None:
     """Check ``path`` against its record; raise :class:`CheckpointError` naming the file if not.
 
@@ -129,8 +133,12 @@ def verify_checkpoint(path: str | Path) -> dict | None:
     record = read_record(path)
     if record is None:
         return None
-    size = path.stat().st_size
-    digest = sha256_of(path)
+    stat = path.stat()
+    size = stat.st_size
+    # The CLI checks a checkpoint before Lightning loads it: hash each unchanged file once.
+    key = (str(path.resolve()), size, stat.st_mtime_ns)
+    digest = _verified_digests.get(key) or sha256_of(path)
+    _verified_digests[key] = digest
     if digest == record["sha256"] and size == record["bytes"]:
         return record
     previous = record.get("previous")
@@ -184,8 +192,24 @@ def check_writable(directory: str | Path) -> None:
         ) from error
 
 
+def sharded_metadata(path: str | Path) -> dict:
+    """The non-tensor part of a sharded (distributed) checkpoint folder: its ``meta.pt``.
+
+    A sharded checkpoint is a folder of DCP shards written by all ranks; its integrity is DCP's
+    (``.metadata``), and xm2's record lives in ``meta.pt`` under ``xm2``.
+    """
+    meta = Path(path) / SHARDED_METADATA
+    if not meta.is_file():
+        raise CheckpointError(f"checkpoint folder {path} has no {SHARDED_METADATA}; it is not a "
+                              "sharded xm2 checkpoint, or its save was interrupted")
+    try:
+        return torch.load(meta, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint metadata {meta} cannot be read ({error})") from error
+
+
 def find_checkpoints(root: str | Path) -> list[tuple[Path, dict]]:
-    """Every checkpoint under ``root`` that has a record, with its record."""
+    """Every checkpoint under ``root`` with a record (files) or metadata (sharded folders)."""
     found = []
     for record_file in Path(root).rglob("*.ckpt.json"):
         checkpoint = record_file.with_name(record_file.name[: -len(".json")])
@@ -194,6 +218,13 @@ def find_checkpoints(root: str | Path) -> list[tuple[Path, dict]]:
                 found.append((checkpoint, json.loads(record_file.read_text())))
             except json.JSONDecodeError:
                 continue
+    for meta in Path(root).rglob(f"*.ckpt/{SHARDED_METADATA}"):
+        try:
+            record = (sharded_metadata(meta.parent).get("xm2") or {}).get("record")
+        except CheckpointError:
+            continue
+        if record:
+            found.append((meta.parent, record))
     return found
 
 

@@ -29,6 +29,7 @@ from xm2.checkpoint import (
     check_writable,
     find_last_checkpoint,
     load_checkpoint_file,
+    sharded_metadata,
 )
 from xm2.data.corpus import source_names
 from xm2.data.datamodule import MixtureDataModule
@@ -40,7 +41,6 @@ from xm2.module import NonFiniteLossError, Xm2Module
 from xm2.studies.coord_check import coord_check
 from xm2.studies.decay import decay_study
 from xm2.studies.sweep import sweep
-from xm2.studies.windtunnel import windtunnel
 from xm2.studies.windtunnel import windtunnel
 
 
@@ -99,10 +99,12 @@ class Xm2CLI(LightningCLI):
             path = str(find_last_checkpoint(config.trainer.default_root_dir or ".",
                                             *_run_name_and_experiment(config.trainer.logger)))
             print(f"Resuming from the run's last checkpoint: {path}", file=sys.stderr)
-        elif not Path(path).is_file():
+        elif not Path(path).exists():
             raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file or "
                                   "'last' (the newest checkpoint of this run)")
-        checkpoint = load_checkpoint_file(path, mmap=True)
+        # A sharded checkpoint is a folder; its settings are in its metadata file.
+        checkpoint = (sharded_metadata(path) if Path(path).is_dir()
+                      else load_checkpoint_file(path, mmap=True))
         mode = "branch" if branch_from else "resume" if subcommand == "fit" else "evaluate"
         record = (checkpoint.get("xm2") or {}).get("record") or {}
         if mode == "branch":
@@ -149,6 +151,7 @@ class Xm2CLI(LightningCLI):
         if getattr(self, "resumed_run_id", None) and isinstance(logger, MLFlowLogger):
             # A killed run was left RUNNING or FAILED; it runs again now, and ends FINISHED.
             logger.experiment.update_run(self.resumed_run_id, status="RUNNING")
+            tracking.log_params_once(logger, self.resumed_run_id)
         checkpointing = self.trainer.checkpoint_callback
         folder = (checkpointing.dirpath if isinstance(checkpointing, ModelCheckpoint)
                   and checkpointing.dirpath else self.trainer.default_root_dir)
@@ -274,7 +277,6 @@ TOOLS = {
     "tokenize": tokenize,
     "coord-check": coord_check,
     "sweep": sweep,
-    "windtunnel": windtunnel,
     "windtunnel": windtunnel,
     "prepare-eval": prepare_eval,
     "branches": tracking.print_branches,

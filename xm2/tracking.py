@@ -289,6 +289,36 @@ def guard_logger(logger: Any, backlog_dir: str | Path) -> TrackingGuard | None:
     return logger._mlflow_client
 
 
+def log_params_once(logger: Any, run_id: str) -> None:
+    """Let a resumed run log its parameters again when some of them changed.
+
+    MLflow refuses to change a logged parameter, and a resume may change a safe setting
+    (``data.num_workers``, a data path, ``val_batches_per_source``). The run keeps the values it
+    was started with; each change is recorded as the tag ``xm2.changed_on_resume.<key>``.
+    """
+    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    from lightning.pytorch.loggers import MLFlowLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if not isinstance(logger, MLFlowLogger):
+        return
+    log_all = logger.log_hyperparams
+
+    def log_hyperparams(params) -> None:
+        if rank_zero_only.rank != 0:
+            return
+        logged = logger.experiment.get_run(run_id).data.params
+        flat = _flatten_dict(_convert_params(params))
+        changed = {key: value for key, value in flat.items()
+                   if key in logged and logged[key] != str(value)[:250]}
+        log_all({key: value for key, value in flat.items() if key not in changed})
+        for key, value in changed.items():
+            logger.experiment.set_tag(run_id, f"xm2.changed_on_resume.{key}",
+                                      f"{logged[key]} -> {value}")
+
+    logger.log_hyperparams = log_hyperparams
+
+
 def branches(run_id: str, tracking_uri: str = "sqlite:///mlflow.db") -> list[dict]:
     """The decay branches of a run: one row per branch, ordered by source step.
 

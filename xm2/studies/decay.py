@@ -170,8 +170,7 @@ def _run_branch(branch: Branch, configs: list[str], overrides: list[str], tracki
                # Validation lands on the branch's last step and along its decay.
                "--trainer.val_check_interval", str(math.gcd(branch.source_step, branch.decay_steps)),
                "--trainer.logger.init_args.tracking_uri", tracking_uri,
-               "--trainer.logger.init_args.tags", json.dumps(tags),
-               "--trainer.enable_progress_bar", "false"]
+               "--trainer.logger.init_args.tags", json.dumps(tags)]
     if branch.mixture == "stable":
         command += ["--data.decay", json.dumps(stable_mix_for_decay(configs, overrides)),
                     "--trainer.logger.init_args.run_name",
