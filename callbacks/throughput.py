@@ -24,9 +24,9 @@ class Throughput(ThroughputMonitor):
 
     Lightning logs ``train/device/items_per_sec`` (tokens/s), ``train/device/flops_per_sec`` and
     ``train/device/mfu`` over a window of steps. This adds ``throughput/step_time_s`` and
-    ``throughput/data_wait_share``: the time from the end of one batch to the start of the next
-    (fetching the batch and the loop's own work) as a share of the step time, over the same
-    window. FLOPs per batch come from :func:`xm2.analysis.flops.flops_per_token` (3× forward in
+    ``throughput/data_wait_share``: the time the training loop spent in fetching its next batch
+    (Lightning's ``train_dataloader_next`` action, timed through the trainer's profiler hooks)
+    as a share of the step time, over the same window. FLOPs per batch come from :func:`xm2.analysis.flops.flops_per_token` (3× forward in
     training, forward only in validation). The peak is ``peak_flops`` if given; else Lightning's
     table of GPUs, or on CPU a matmul measured at setup in the run's compute dtype, logged as
     ``throughput/peak_flops``.
@@ -46,7 +46,8 @@ class Throughput(ThroughputMonitor):
                          window_size=window_size)
         self.peak_flops, self.window_size = peak_flops, window_size
         self._batch_started: float | None = None
-        self._last_batch_end: float | None = None
+        self._fetch_started = 0.0
+        self._fetch_seconds = 0.0
         self._waits: list[float] = []
         self._steps: list[float] = []
 
@@ -63,6 +64,30 @@ class Throughput(ThroughputMonitor):
         if peak:
             for logger in trainer.loggers:
                 logger.log_metrics({"throughput/peak_flops": float(peak)}, step=trainer.global_step)
+        if stage == "fit":
+            self._time_batch_fetches(trainer.profiler)
+
+    def _time_batch_fetches(self, profiler) -> None:
+        """Wrap the profiler's start/stop, which the training loop calls around each batch fetch."""
+        start, stop = profiler.start, profiler.stop
+
+        def timed_start(action_name: str) -> None:
+            if action_name.endswith("train_dataloader_next"):
+                self._fetch_started = time.perf_counter()
+            start(action_name)
+
+        def timed_stop(action_name: str) -> None:
+            stop(action_name)
+            if action_name.endswith("train_dataloader_next"):
+                self._fetch_seconds += time.perf_counter() - self._fetch_started
+
+        profiler.start, profiler.stop = timed_start, timed_stop
+        self._unwrap = lambda: (setattr(profiler, "start", start), setattr(profiler, "stop", stop))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if getattr(self, "_unwrap", None):
+            self._unwrap()
+            self._unwrap = None
 
     def _set_flops(self, pl_module, batch: dict, training: bool) -> None:
         config = pl_module.model.config
@@ -73,15 +98,15 @@ class Throughput(ThroughputMonitor):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._last_batch_end is not None:
-            self._waits.append(now - self._last_batch_end)
-            self._steps.append(now - (self._batch_started or now))
-        self._batch_started = now
+        if self._batch_started is not None:
+            # The fetch of this batch happened since the previous batch started.
+            self._steps.append(now - self._batch_started)
+            self._waits.append(self._fetch_seconds)
+        self._batch_started, self._fetch_seconds = now, 0.0
         self._set_flops(pl_module, batch, training=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self._last_batch_end = time.perf_counter()
         if self._steps and trainer._logger_connector.should_update_logs:
             waits, steps = self._waits[-self.window_size:], self._steps[-self.window_size:]
             metrics = {"throughput/step_time_s": sum(steps) / len(steps),
@@ -91,8 +116,8 @@ class Throughput(ThroughputMonitor):
 
     def on_validation_start(self, trainer, *args) -> None:
         super().on_validation_start(trainer, *args)
-        # The gap around a validation is not a data wait of training.
-        self._last_batch_end = self._batch_started = None
+        # A step with a validation in it is not a training step's time.
+        self._batch_started = None
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self._set_flops(pl_module, batch, training=False)
