@@ -799,6 +799,7 @@ def windtunnel(
     transfer: Transfer = Transfer(),
     storage: str | None = None,
     stale_after_s: float = 900.0,
+    torch_threads: int | None = None,
     output_dir: str = "artifacts/windtunnel",
     experiment_name: str = "xm2-windtunnel",
     tracking_uri: str = "sqlite:///mlflow.db",
@@ -828,6 +829,9 @@ def windtunnel(
         storage: Optuna storage: a journal file path (default <output_dir>/<name>/journal.log)
             or an RDB URL (postgresql://..., sqlite:///...) shared by the workers.
         stale_after_s: A RUNNING trial of another host silent this long is failed and rerun.
+        torch_threads: CPU threads of this worker's training (default torch's choice). On a CPU
+            shared with other jobs or workers, give each worker cores / workers: oversubscribed
+            threads wait on each other and run several times slower.
         output_dir: Folder of the study outputs.
         experiment_name: MLflow experiment.
         tracking_uri: MLflow tracking URI.
@@ -836,6 +840,12 @@ def windtunnel(
         raise ValueError(f"windtunnel trials={trials} must be >= 1")
     if not diverge_factor > 1:
         raise ValueError(f"windtunnel diverge_factor={diverge_factor} must be > 1")
+    if torch_threads is not None:
+        if torch_threads < 1:
+            raise ValueError(f"windtunnel torch_threads={torch_threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(torch_threads)
     output = Path(output_dir) / name
     storage = storage or str(output / "journal.log")
     quiet_lightning()
