@@ -68,20 +68,16 @@ class Xm2CLI(LightningCLI):
         parser.link_arguments("model.schedule.decay_start_step", "data.decay_start_step")
         parser.link_arguments("model.architecture.vocab_size", "data.vocab_size")
         parser.link_arguments("model.architecture.max_seq_len", "data.seq_len")
-
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "fit":
-            parser.add_argument(
-                "--branch_from", type=str | None, default=None,
-                help="Start a decay branch from this stable-phase checkpoint: weights, optimizer "
-                     "and data position restored, the LR decaying from its value at that step, "
-                     "the decay mixture from that step, in a new MLflow run tagged with its parent.")
-            parser.add_argument("--branch_decay_steps", type=int | None, default=None,
-                                help="Length of the branch's decay in optimizer steps.")
-            parser.add_argument("--branch_decay_tokens", type=int | None, default=None,
-                                help="Length of the branch's decay in training tokens.")
-        return parser
+        # On every subcommand, so that a config printed by `fit` also runs `validate`.
+        parser.add_argument(
+            "--branch_from", type=str | None, default=None,
+            help="fit: start a decay branch from this stable-phase checkpoint: weights, optimizer "
+                 "and data position restored, the LR decaying from its value at that step, the "
+                 "decay mixture from that step, in a new MLflow run tagged with its parent.")
+        parser.add_argument("--branch_decay_steps", type=int | None, default=None,
+                            help="fit: length of the branch's decay in optimizer steps.")
+        parser.add_argument("--branch_decay_tokens", type=int | None, default=None,
+                            help="fit: length of the branch's decay in training tokens.")
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path``/``--branch_from`` and check the checkpoint against the config."""
@@ -89,7 +85,10 @@ class Xm2CLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
-        branch_from = config.get("branch_from") if subcommand == "fit" else None
+        branch_from = config.get("branch_from")
+        if branch_from and subcommand != "fit":
+            raise CheckpointError(f"--branch_from starts a training run; it is for `xm2 fit`, "
+                                  f"not `xm2 {subcommand}`")
         if branch_from and config.get("ckpt_path"):
             raise CheckpointError("give --ckpt_path (resume) or --branch_from (branch), not both")
         path = branch_from or config.get("ckpt_path")
