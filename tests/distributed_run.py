@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The architecture of tests/configs/smoke.yaml, so `xm2 validate` with it loads these checkpoints.
 ARCHITECTURE = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
                            num_heads=2, num_kv_heads=1, max_seq_len=64, dim_model_base=32)
+# The nano preset with the test tokenizer's vocabulary, for timing (benchmarks/).
+NANO = ModelConfig(vocab_size=512)
 
 
 class Recorder(L.Callback):
@@ -92,7 +94,11 @@ def main() -> None:
     parser.add_argument("--ckpt_path", default=None)
     parser.add_argument("--meta_init", action="store_true")
     parser.add_argument("--activation_checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--mixed_precision", default="none")
     parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--architecture", choices=["smoke", "nano"], default="smoke")
+    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--tokenizer_path", required=True)
     parser.add_argument("--shards_dir", required=True)
     parser.add_argument("--out", required=True)
@@ -102,16 +108,18 @@ def main() -> None:
     torch.set_num_threads(1)  # two cores, several ranks: no oversubscription
     L.seed_everything(1234, verbose=False)
 
+    architecture = ARCHITECTURE if args.architecture == "smoke" else NANO
     data = MixtureDataModule(
         corpus_dir=str(ROOT / "data" / "corpus"), tokenizer_path=args.tokenizer_path,
-        shards_dir=args.shards_dir, batch_size=4,
-        val_batches_per_source=args.val_batches_per_source, vocab_size=ARCHITECTURE.vocab_size,
-        seq_len=ARCHITECTURE.max_seq_len, decay_start_step=4)
+        shards_dir=args.shards_dir, batch_size=args.batch_size,
+        val_batches_per_source=args.val_batches_per_source, vocab_size=architecture.vocab_size,
+        seq_len=architecture.max_seq_len, decay_start_step=4)
     module = Xm2Module(
-        ARCHITECTURE, OptimizerConfig(lr=0.01),
+        architecture, OptimizerConfig(lr=0.01),
         WSDSchedule(warmup_steps=2, decay_start_step=4),
         parallel=ParallelConfig(meta_init=args.meta_init,
-                                activation_checkpointing=args.activation_checkpointing))
+                                activation_checkpointing=args.activation_checkpointing,
+                                compile=args.compile, mixed_precision=args.mixed_precision))
     strategy = {"single": "auto", "ddp": DDPStrategy(process_group_backend="gloo"),
                 "fsdp2": FSDP2Strategy()}[args.strategy]
     recorder = Recorder()

@@ -37,6 +37,7 @@ from xm2.model import Decoder
 STRATEGIES = ("single", "ddp", "fsdp2")
 PRECISIONS = ("32-true", "bf16-mixed")
 GIB = 2**30
+PRESETS = Path(__file__).resolve().parents[1] / "config" / "model"
 
 
 @dataclass
@@ -63,10 +64,10 @@ def read_architecture(model: str) -> ModelConfig:
     """A ``ModelConfig`` from a preset YAML (config/model/*.yaml or a recipe with
     ``model.architecture``); a bare name means config/model/<name>.yaml."""
     path = Path(model)
-    if not path.suffix:
-        path = Path("config") / "model" / f"{model}.yaml"
+    if not path.is_file() and path.suffix not in (".yaml", ".yml"):
+        path = PRESETS / f"{model}.yaml"
     if not path.is_file():
-        presets = sorted(p.stem for p in Path("config/model").glob("*.yaml"))
+        presets = sorted(p.stem for p in PRESETS.glob("*.yaml"))
         raise ValueError(f"model preset {model!r} not found (looked for {path}); give a YAML "
                          f"path or one of: {', '.join(presets)}")
     data = yaml.safe_load(path.read_text()) or {}
@@ -76,19 +77,22 @@ def read_architecture(model: str) -> ModelConfig:
     return ModelConfig(**architecture)
 
 
-def activation_bytes_per_token(config: ModelConfig, activation_bytes: int,
-                               residual_bytes: int) -> tuple[int, int]:
+def activation_bytes_per_token(config: ModelConfig, activation_bytes: int, residual_bytes: int,
+                               autocast_copies: bool) -> tuple[int, int]:
     """Bytes one block saves for its backward pass per token, and those of its input alone.
 
-    Saved by a block (see xm2.model.Block): both RMSNorm inputs (residual stream) and outputs;
-    the rotated queries and keys and the values (attention inputs); the attention output and
-    its reshaped copy (the o_proj input); the gate and up projections, the SiLU output and their
-    product (the down_proj input). The RoPE multiplications keep only the tables, shared by all.
+    Saved by a block (see xm2.model.Block), as measured with saved-tensor hooks: each RMSNorm's
+    input and normalised input (residual-stream dtype) and its output as the projections take it;
+    under autocast each projection keeps its own bf16 copy of that output (three for q, k, v, two
+    for gate and up); the rotated queries and keys and the values; the attention output, its
+    log-sum-exp and the reshaped copy that o_proj takes; the gate and up projections, the SiLU
+    output and their product. The RoPE multiplications keep only the tables, shared by all.
     """
     d, i = config.hidden_size, config.intermediate_size
     kv = config.num_kv_heads * config.head_dim
-    block = (2 * d * residual_bytes
-             + (5 * d + 2 * kv + 4 * i) * activation_bytes
+    norm_outputs = 5 if autocast_copies else 2
+    block = (2 * 2 * d * residual_bytes
+             + (norm_outputs * d + (d + kv) + kv + 2 * d + 4 * i) * activation_bytes
              + config.num_heads * 4)  # attention log-sum-exp, fp32 per head
     return block, d * residual_bytes
 
@@ -130,8 +134,10 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, precision: str,
     optimizer = 8 * total / share
 
     tokens = batch_size * seq_len
-    per_block, block_input = activation_bytes_per_token(config, activation, residual)
-    final_norm = config.hidden_size * (residual + activation)
+    # Autocast copies activations to bf16 for each matmul unless they are bf16 already.
+    copies = autocast and not bf16_params
+    per_block, block_input = activation_bytes_per_token(config, activation, residual, copies)
+    final_norm = config.hidden_size * (2 * residual + activation)
     if activation_checkpointing:
         per_token = config.num_layers * block_input + per_block + final_norm
     else:
