@@ -32,7 +32,7 @@ RUN_DEFINING = {
     "evaluate": ("model.architecture.", "data.seq_len", "data.vocab_size"),
 }
 # Changes that take effect and are worth a line on the console.
-ANNOUNCED = ("trainer.max_steps", "model.on_nonfinite_loss", "data.val_batches_per_source",
+ANNOUNCED = ("trainer.max_steps", "model.on_nonfinite_loss", "model.parallel.", "data.val_batches_per_source",
              "model.schedule.", "data.decay.")
 
 
