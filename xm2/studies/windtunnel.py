@@ -342,9 +342,12 @@ class FitResult:
     """Final objective; None if the run diverged or was pruned."""
     run_id: str
     seconds: float
+    """Wall time of the whole fit: config parsing, instantiation, training, validation."""
     diverged: str | None = None
     """Why the run was stopped as diverged."""
     pruned_at: int | None = None
+    fit_seconds: float = 0.0
+    """Wall time inside ``Trainer.fit`` (the rest is config parsing and instantiation)."""
 
 
 def tracked_fit(config: dict, logger, callbacks: list[L.Callback], objective: str) -> FitResult:
@@ -364,19 +367,23 @@ def tracked_fit(config: dict, logger, callbacks: list[L.Callback], objective: st
                      auto_configure_optimizers=False, trainer_defaults={"callbacks": callbacks},
                      run=False, args=config)
     cli.trainer.loggers = [logger]
+    fit_started = time.perf_counter()
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     except (NonFiniteLossError, TrialDiverged) as error:
-        return FitResult(None, logger.run_id, time.perf_counter() - started, diverged=str(error))
-    seconds = time.perf_counter() - started
+        now = time.perf_counter()
+        return FitResult(None, logger.run_id, now - started, diverged=str(error),
+                         fit_seconds=now - fit_started)
+    now = time.perf_counter()
+    times = {"seconds": now - started, "fit_seconds": now - fit_started}
     pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, ReportToTrial)), None)
     if pruned_at is not None:
-        return FitResult(None, logger.run_id, seconds, pruned_at=pruned_at)
+        return FitResult(None, logger.run_id, pruned_at=pruned_at, **times)
     value = cli.trainer.callback_metrics.get(objective)
     if value is None:
         raise KeyError(f"objective {objective!r} was not logged; validation logs "
                        f"{sorted(cli.trainer.callback_metrics)}")
-    return FitResult(float(value), logger.run_id, seconds)
+    return FitResult(float(value), logger.run_id, **times)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -594,7 +601,8 @@ def run_trial(
         trial.set_user_attr("failure", f"{type(error).__name__}: {error}"[:500])
         study.tell(trial, state=TrialState.FAIL)
         raise
-    trial.set_user_attr("seconds", round(result.seconds, 1))
+    trial.set_user_attr("seconds", round(result.seconds, 2))
+    trial.set_user_attr("fit_seconds", round(result.fit_seconds, 2))
     client = logger.experiment
     if result.diverged:
         trial.set_user_attr("failure", RESULT_FAILURE)
@@ -699,13 +707,13 @@ def _write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
     params = sorted({name for trial in trials for name in trial.params})
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["number", "state", "value", *params, "seconds", "failure", "reason",
-                         "mlflow_run_id"])
+        writer.writerow(["number", "state", "value", *params, "seconds", "fit_seconds",
+                         "failure", "reason", "mlflow_run_id"])
         for trial in trials:
             attrs = trial.user_attrs
             writer.writerow([trial.number, trial.state.name, trial.value,
                              *(trial.params.get(p) for p in params), attrs.get("seconds"),
-                             attrs.get("failure"), attrs.get("reason"), attrs.get("mlflow_run_id")])
+                             attrs.get("fit_seconds"), attrs.get("failure"), attrs.get("reason"), attrs.get("mlflow_run_id")])
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -932,5 +940,7 @@ def search(
                    else finished.state.name.lower()
                    + (f" ({finished.user_attrs.get('reason')})"
                       if finished.state == TrialState.FAIL else ""))
-        print(f"trial {finished.number}: {finished.params} -> {outcome} "
+        params = {k: round(v, 6) if isinstance(v, float) else v
+                  for k, v in finished.params.items()}
+        print(f"trial {finished.number}: {params} -> {outcome} "
               f"({finished.user_attrs.get('seconds')} s)", flush=True)
