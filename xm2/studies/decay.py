@@ -202,6 +202,10 @@ def summarize(client: MlflowClient, tracking_uri: str, stable_run_id: str, study
             "run_id": row["run_id"], "source_step": row["source_step"], "end_step": end,
             "source_tokens": row["source_tokens"], "mixture": run.data.tags.get(MIXTURE_TAG),
             "val_loss": run.data.metrics.get("val/loss"), "val_loss_by_source": losses,
+            # Benchmarks, where the recipe runs the calibration callback at the end of a fit.
+            "benchmarks": {key.removeprefix("calibration/"): value
+                           for key, value in run.data.metrics.items()
+                           if key.startswith("calibration/") and key.endswith(("/accuracy", "/ece"))},
             "stable_val_loss_at_source": _interpolate(stable_curve, row["source_step"]),
             "stable_val_loss_at_end": stable_at_end,
             "below_stable": None if stable_at_end is None else stable_at_end - run.data.metrics["val/loss"],
@@ -270,6 +274,14 @@ def summary_markdown(summary: dict) -> str:
         below = "" if r["below_stable"] is None else f"{r['below_stable']:+.4f}"
         lines.append(f"| {r['source_step']} | {r['end_step']} | {r['mixture']} | "
                      f"{r['val_loss']:.4f} | {stable} | {below} |")
+    benchmarks = sorted({key for r in summary["branches"] for key in r.get("benchmarks", {})})
+    if benchmarks:
+        lines += ["", "| source step | mixture | " + " | ".join(benchmarks) + " |",
+                  "|---:|---|" + "---:|" * len(benchmarks)]
+        for r in sorted(summary["branches"], key=lambda r: (r["source_step"], r["mixture"])):
+            values = [r["benchmarks"].get(key) for key in benchmarks]
+            lines.append(f"| {r['source_step']} | {r['mixture']} | " + " | ".join(
+                "" if v is None else f"{v:.3f}" for v in values) + " |")
     lines.append(f"\nEvery decay-mixture branch ends below the stable curve: "
                  f"{summary['every_branch_below_stable']}; later branches end lower: "
                  f"{summary['later_branches_end_lower']}")
