@@ -136,7 +136,7 @@ class Xm2CLI(LightningCLI):
         settings = {
             "max_steps": trainer.max_steps,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "precision": str(trainer.precision),
+            "precision": _unified_precision(trainer.precision),
             "gradient_clip_val": trainer.gradient_clip_val,
             "seed": config.get("seed_everything"),
         }
@@ -180,6 +180,18 @@ class Xm2CLI(LightningCLI):
     def after_validate(self) -> None:
         if self.tracking_guard:
             self.tracking_guard.report_unsent()
+
+
+def _unified_precision(precision: Any) -> str:
+    """Lightning's own name for a precision setting (16 -> "16-mixed"), as the trainer records it."""
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy-name advice is Lightning's to give, later
+        try:
+            return str(_convert_precision_to_unified_args(precision))
+        except (ValueError, TypeError):
+            return str(precision)
 
 
 def _mlflow_loggers(logger_config: Any) -> list[Namespace]:
