@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
+from lightning.pytorch.strategies import DDPStrategy
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
@@ -25,6 +27,7 @@ from xm2.config import ModelConfig
 from xm2.data.mixture import PackedRows, ValidationBatches
 from xm2.interop.sharded import consolidate_checkpoint, is_sharded_checkpoint
 from xm2.model import Decoder
+from xm2.parallel import ParallelConfig, apply
 
 RUN = ROOT / "tests" / "distributed_run.py"
 # Two processes add their gradients where one process accumulates two micro-batches; halving is
@@ -260,3 +263,28 @@ def test_torchrun_trains_fsdp2_through_the_cli_and_validate_loads_the_consolidat
     for key, value in trained.data.metrics.items():
         if key.startswith("val/"):
             assert evaluation.data.metrics[key] == pytest.approx(value, abs=1e-4), key
+
+
+# --- configs and switches ---
+
+@pytest.mark.parametrize("configs", [
+    ["config/nano.yaml", "config/trainer/fsdp2.yaml"],
+    ["config/xmodel2-1.2b.yaml"],
+])
+def test_strategy_configs_compose_with_recipes(configs, tmp_path):
+    result = xm2("fit", *(arg for path in configs for arg in ("--config", str(ROOT / path))),
+                 "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    printed = yaml.safe_load(result.stdout)
+    assert printed["trainer"]["strategy"]["class_path"] == "xm2.parallel.FSDP2Strategy"
+    assert printed["model"]["parallel"]["mixed_precision"] == "bf16"
+    assert printed["model"]["parallel"]["meta_init"] is True
+
+
+def test_fsdp2_mixed_precision_is_refused_under_another_strategy():
+    with torch.device("meta"):
+        model = Decoder(ARCHITECTURE)
+    with pytest.raises(ValueError, match=r"mixed_precision='bf16' is FSDP2's .* DDPStrategy"):
+        apply(model, ParallelConfig(mixed_precision="bf16"), DDPStrategy(), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"mixed_precision='fp8'; allowed: none, bf16"):
+        ParallelConfig(mixed_precision="fp8")
