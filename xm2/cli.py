@@ -1,272 +1,73 @@
-"""The ``xm2`` command: LightningCLI's ``fit``/``validate``/``test`` plus data tools.
+"""The ``xm2`` command: LightningCLI's ``fit``/``validate``/``test`` plus data and study tools.
 
+    xm2 --help                                  # every command
     xm2 fit --config config/nano.yaml
     xm2 validate --config config/nano.yaml --ckpt_path <checkpoint>
     xm2 train-tokenizer --vocab_size 4096
     xm2 tokenize --tokenizer_path artifacts/tokenizers/unigram-4096.model
+
+This module imports only what every command needs: a tool's module is imported when that tool
+runs, and Lightning (seconds to import) only for fit/validate/test (xm2.lightning_cli).
+Errors xm2 raises on purpose print as one line (see xm2.errors).
 """
 
 from __future__ import annotations
 
-import logging
+import ast
+import importlib
+import importlib.util
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
-import yaml
-from jsonargparse import CLI, Namespace, set_docstring_parse_options
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import MLFlowLogger
+from xm2 import errors
 
-from xm2 import resume, tracking
-from xm2.analysis.eval_data import prepare_eval
-from xm2.checkpoint import (
-    CheckpointError,
-    VerifiedCheckpointIO,
-    check_writable,
-    find_last_checkpoint,
-    load_checkpoint_file,
-    sharded_metadata,
-)
-from xm2.data.corpus import source_names
-from xm2.data.datamodule import MixtureDataModule
-from xm2.data.shards import write_shards
-from xm2.data.tokenizer import default_tokenizer_path, tokenizer_mismatch, train_tokenizer
-from xm2.interop.sharded import consolidate_checkpoint
-from xm2.memory import memory
-from xm2.module import NonFiniteLossError, Xm2Module
-from xm2.studies.coord_check import coord_check
-from xm2.studies.decay import decay_study
-from xm2.studies.sweep import sweep
-from xm2.studies.windtunnel import windtunnel
+# Commands LightningCLI runs, with what they do.
+LIGHTNING_COMMANDS = {
+    "fit": "train a model (the recipe: --config config/nano.yaml)",
+    "validate": "validation loss of a checkpoint on each source's held-out split",
+    "test": "the same evaluation, logged as a test run",
+}
+
+# Tool name: "module:function", imported when the tool runs. A tool is a function whose signature
+# and docstring jsonargparse turns into the command's options; its docstring's first paragraph is
+# its line in `xm2 --help`.
+TOOLS = {
+    "train-tokenizer": "xm2.data.tokenizer:train_tokenizer",
+    "tokenize": "xm2.cli:tokenize",
+    "coord-check": "xm2.studies.coord_check:coord_check",
+    "sweep": "xm2.studies.sweep:sweep",
+    "windtunnel": "xm2.studies.windtunnel:windtunnel",
+    "prepare-eval": "xm2.analysis.eval_data:prepare_eval",
+    "branches": "xm2.tracking:print_branches",
+    "decay-study": "xm2.studies.decay:decay_study",
+    "tracking-sync": "xm2.tracking:tracking_sync",
+    "consolidate-checkpoint": "xm2.interop.sharded:consolidate_checkpoint",
+    "memory": "xm2.memory:memory",
+}
 
 
-class TrackConfig(SaveConfigCallback):
-    """Logs the fully resolved config to the experiment tracker as ``config.yaml``."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False)
-        logger = trainer.logger
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_text(logger.run_id, config, "config.yaml")
-        elif logger is not None:
-            logger.log_hyperparams({"config": config})
+def tool(name: str) -> Any:
+    """The function behind tool ``name``."""
+    module, function = TOOLS[name].split(":")
+    return getattr(importlib.import_module(module), function)
 
 
-class Xm2CLI(LightningCLI):
-    """LightningCLI whose ``--ckpt_path`` resumes exactly and whose ``--branch_from`` branches.
-
-    Lightning's own handling of ``--ckpt_path`` replaces the command line's model settings with
-    the checkpoint's, silently; here every difference is applied or refused (see xm2.resume).
-    """
-
-    def add_arguments_to_parser(self, parser) -> None:
-        # One fact, one home: these data settings follow from the model and its schedule.
-        parser.link_arguments("model.schedule.decay_start_step", "data.decay_start_step")
-        parser.link_arguments("model.architecture.vocab_size", "data.vocab_size")
-        parser.link_arguments("model.architecture.max_seq_len", "data.seq_len")
-        # On every subcommand, so that a config printed by `fit` also runs `validate`.
-        parser.add_argument(
-            "--branch_from", type=str | None, default=None,
-            help="fit: start a decay branch from this stable-phase checkpoint: weights, optimizer "
-                 "and data position restored, the LR decaying from its value at that step, the "
-                 "decay mixture from that step, in a new MLflow run tagged with its parent.")
-        parser.add_argument("--branch_decay_steps", type=int | None, default=None,
-                            help="fit: length of the branch's decay in optimizer steps.")
-        parser.add_argument("--branch_decay_tokens", type=int | None, default=None,
-                            help="fit: length of the branch's decay in training tokens.")
-
-    def _parse_ckpt_path(self) -> None:
-        """Resolve ``--ckpt_path``/``--branch_from`` and check the checkpoint against the config."""
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
-        branch_from = config.get("branch_from")
-        if branch_from and subcommand != "fit":
-            raise CheckpointError(f"--branch_from starts a training run; it is for `xm2 fit`, "
-                                  f"not `xm2 {subcommand}`")
-        if branch_from and config.get("ckpt_path"):
-            raise CheckpointError("give --ckpt_path (resume) or --branch_from (branch), not both")
-        path = branch_from or config.get("ckpt_path")
-        if not path:
-            return
-        if path == "last":
-            path = str(find_last_checkpoint(config.trainer.default_root_dir or ".",
-                                            *_run_name_and_experiment(config.trainer.logger)))
-            print(f"Resuming from the run's last checkpoint: {path}", file=sys.stderr)
-        elif not Path(path).exists():
-            raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file or "
-                                  "'last' (the newest checkpoint of this run)")
-        # A sharded checkpoint is a folder; its settings are in its metadata file.
-        checkpoint = (sharded_metadata(path) if Path(path).is_dir()
-                      else load_checkpoint_file(path, mmap=True))
-        mode = "branch" if branch_from else "resume" if subcommand == "fit" else "evaluate"
-        record = (checkpoint.get("xm2") or {}).get("record") or {}
-        if mode == "branch":
-            plan = resume.plan_branch(checkpoint, path, config.get("branch_decay_steps"),
-                                      config.get("branch_decay_tokens"))
-            config.model.schedule.decay_start_step = plan.source_step
-            config.data.decay_start_step = plan.source_step
-            config.trainer.max_steps = plan.max_steps
-            _start_branch_run(config.trainer.logger, record, plan)
-            print(f"Branching from step {plan.source_step} of {path}: decay for {plan.decay_steps} "
-                  f"steps to step {plan.max_steps}", file=sys.stderr)
-        _check_tokenizer(config.data, record, path)
-        comparison = resume.compare(resume.checkpoint_settings(checkpoint),
-                                    self._current_settings(subcommand), mode)
-        if comparison.refused:
-            raise CheckpointError(resume.refusal_message(path, mode, comparison.refused))
-        for line in comparison.announce():
-            print(f"Applied: {line}", file=sys.stderr)
-        if mode == "resume":
-            self.resumed_run_id = _continue_run(config.trainer.logger, record)
-        elif mode == "evaluate":
-            _tag_evaluation_run(config.trainer.logger, record, path, subcommand)
-        config.ckpt_path = path
-
-    def _current_settings(self, subcommand: str) -> dict:
-        config = self.config[subcommand]
-        dumped = yaml.safe_load(self.parser.dump(self.config,
-                                                 skip_link_targets=False))[subcommand]
-        trainer = config.trainer
-        settings = {
-            "max_steps": trainer.max_steps,
-            "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "precision": _unified_precision(trainer.precision),
-            "gradient_clip_val": trainer.gradient_clip_val,
-            "seed": config.get("seed_everything"),
-        }
-        if isinstance(trainer.devices, int) and isinstance(trainer.num_nodes, int):
-            settings["world_size"] = trainer.devices * trainer.num_nodes
-        return resume.current_settings(dumped["model"], dumped["data"], settings)
-
-    def before_fit(self) -> None:
-        self._guard_the_run()
-        logger = self.trainer.logger
-        if getattr(self, "resumed_run_id", None) and isinstance(logger, MLFlowLogger):
-            # A killed run was left RUNNING or FAILED; it runs again now, and ends FINISHED.
-            logger.experiment.update_run(self.resumed_run_id, status="RUNNING")
-            tracking.log_params_once(logger, self.resumed_run_id)
-        checkpointing = self.trainer.checkpoint_callback
-        folder = (checkpointing.dirpath if isinstance(checkpointing, ModelCheckpoint)
-                  and checkpointing.dirpath else self.trainer.default_root_dir)
-        check_writable(folder)
-
-    def before_validate(self) -> None:
-        self._guard_the_run()
-
-    def before_test(self) -> None:
-        self._guard_the_run()
-
-    def _guard_the_run(self) -> None:
-        # Atomic, verified checkpoint files whatever the strategy (it saves through checkpoint_io).
-        self.trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
-        self.tracking_guard = tracking.guard_logger(
-            self.trainer.logger, Path(self.trainer.default_root_dir) / "tracking")
-
-    def after_fit(self) -> None:
-        if self.tracking_guard:
-            self.tracking_guard.report_unsent()
-        checkpoint = self.trainer.checkpoint_callback
-        if self.trainer.is_global_zero and checkpoint and checkpoint.last_model_path:
-            configs = "".join(f"--config {path} " for path in self.config.fit.config or [])
-            print(f"\nLast checkpoint: {checkpoint.last_model_path}\nEvaluate it with: xm2 validate "
-                  f"{configs}--ckpt_path {checkpoint.last_model_path}")
-
-    def after_validate(self) -> None:
-        if self.tracking_guard:
-            self.tracking_guard.report_unsent()
-
-
-def _unified_precision(precision: Any) -> str:
-    """Lightning's own name for a precision setting (16 -> "16-mixed"), as the trainer records it."""
-    from lightning.fabric.connector import _convert_precision_to_unified_args
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy-name advice is Lightning's to give, later
-        try:
-            return str(_convert_precision_to_unified_args(precision))
-        except (ValueError, TypeError):
-            return str(precision)
-
-
-def _mlflow_loggers(logger_config: Any) -> list[Namespace]:
-    """The MLFlowLogger entries of a ``trainer.logger`` config (one logger or a list)."""
-    entries = logger_config if isinstance(logger_config, list) else [logger_config]
-    return [entry for entry in entries if isinstance(entry, Namespace)
-            and str(entry.get("class_path", "")).endswith("MLFlowLogger")]
-
-
-def _run_name_and_experiment(logger_config: Any) -> tuple[str | None, str | None]:
-    for entry in _mlflow_loggers(logger_config):
-        return entry.init_args.get("run_name"), entry.init_args.get("experiment_name")
-    return None, None
-
-
-def _continue_run(logger_config: Any, record: dict) -> str | None:
-    """Point the MLflow logger at the checkpoint's run, so the resumed run is the same run."""
-    resumed = None
-    for entry in _mlflow_loggers(logger_config):
-        same_store = record.get("tracking_uri") in (None, entry.init_args.get("tracking_uri"))
-        if record.get("run_id") and same_store:
-            entry.init_args.run_id = record["run_id"]
-            resumed = record["run_id"]
-        elif record.get("run_id"):
-            print(f"The checkpoint's MLflow run {record['run_id']} is in another store "
-                  f"({record.get('tracking_uri')}); this resume opens a new run.", file=sys.stderr)
-    return resumed
-
-
-def _start_branch_run(logger_config: Any, record: dict, plan: resume.BranchPlan) -> None:
-    for entry in _mlflow_loggers(logger_config):
-        args = entry.init_args
-        parent_name = record.get("run_name") or "run"
-        if args.get("run_name") in (None, record.get("run_name")):
-            args.run_name = f"{parent_name}-decay-from-{plan.source_step}"
-        args.run_id = None
-        tags = {tracking.SOURCE_STEP_TAG: str(plan.source_step),
-                tracking.SOURCE_TOKENS_TAG: str(plan.source_tokens or ""),
-                tracking.DECAY_STEPS_TAG: str(plan.decay_steps)}
-        if record.get("run_id") and record.get("tracking_uri") in (None, args.get("tracking_uri")):
-            # The parent tag also nests the branch under its stable run in the MLflow UI.
-            tags |= {tracking.PARENT_RUN_TAG: record["run_id"], "mlflow.parentRunId": record["run_id"]}
-        args.tags = {**(args.get("tags") or {}), **tags}
-
-
-def _tag_evaluation_run(logger_config: Any, record: dict, path: str, subcommand: str) -> None:
-    for entry in _mlflow_loggers(logger_config):
-        args = entry.init_args
-        args.run_id = None
-        if args.get("run_name") in (None, record.get("run_name")):
-            args.run_name = f"{record.get('run_name') or 'run'}-{subcommand}-step{record.get('global_step')}"
-        tags = {"xm2.checkpoint": str(path), "xm2.checkpoint_step": str(record.get("global_step"))}
-        if record.get("run_id"):
-            tags["xm2.checkpoint_run_id"] = record["run_id"]
-        args.tags = {**(args.get("tags") or {}), **tags}
-
-
-def _check_tokenizer(data_config: Namespace, record: dict, path: str) -> None:
-    tokenizer = data_config.tokenizer_path or default_tokenizer_path(data_config.vocab_size)
-    problem = tokenizer_mismatch(record.get("tokenizer_sha256"), tokenizer)
-    if problem:
-        raise CheckpointError(f"checkpoint {path} {problem}")
-
-
-def quiet_lightning_noise() -> None:
-    """Drop two messages that every run prints and no xm2 user can act on."""
-    # Lightning's own pytree helper trips a torch deprecation on every validation loop.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # An advertisement for a hosted logger; xm2 logs to MLflow.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip:"))
+def tool_summary(name: str) -> str:
+    """The first paragraph of tool ``name``'s docstring, read from its source without importing
+    the module (a study's module imports torch: seconds)."""
+    module, function = TOOLS[name].split(":")
+    source = Path(importlib.util.find_spec(module).origin).read_text()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            paragraph = (ast.get_docstring(node) or "").split("\n\n")[0]
+            return " ".join(paragraph.split()).replace("``", "")
+    return ""
 
 
 def tokenize(
-    tokenizer_path: str,
+    tokenizer_path: str = "artifacts/tokenizers/unigram-4096.model",
     corpus_dir: str = "data/corpus",
     shards_dir: str = "artifacts/shards",
     sources: list[str] | None = None,
@@ -274,53 +75,68 @@ def tokenize(
     """Tokenize corpus sources into memory-mapped shards (EOS after every document).
 
     Args:
-        tokenizer_path: SentencePiece model to encode with.
-        corpus_dir: The bundled corpus.
+        tokenizer_path: SentencePiece model to encode with (one trained by `xm2 train-tokenizer`
+            or an existing one; its eos id must be 2).
+        corpus_dir: The corpus: the bundled one, or one with your sources (see README).
         shards_dir: Root folder of the shards.
         sources: Sources to tokenize; default all.
     """
+    from xm2.data.corpus import source_names
+    from xm2.data.shards import write_shards
+
     return str(write_shards(corpus_dir, tokenizer_path, shards_dir,
                             sources or source_names(corpus_dir)))
 
 
-TOOLS = {
-    "train-tokenizer": train_tokenizer,
-    "tokenize": tokenize,
-    "coord-check": coord_check,
-    "sweep": sweep,
-    "windtunnel": windtunnel,
-    "prepare-eval": prepare_eval,
-    "branches": tracking.print_branches,
-    "decay-study": decay_study,
-    "tracking-sync": tracking.tracking_sync,
-    "consolidate-checkpoint": consolidate_checkpoint,
-    "memory": memory,
-}
+def print_help() -> None:
+    width = max(map(len, [*LIGHTNING_COMMANDS, *TOOLS]))
+    lines = ["usage: xm2 <command> [options]     (xm2 <command> --help for its options)", "",
+             "Training and evaluation (LightningCLI; configs compose with --config):"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "Data, tracking and study tools:"]
+    lines += [f"  {name:<{width}}  {tool_summary(name)}" for name in TOOLS]
+    lines += ["", f"Errors print as one line; {errors.TRACEBACK_VARIABLE}=1 shows the traceback."]
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``xm2`` console script; ``argv`` is for calls from Python."""
-    set_docstring_parse_options(attribute_docstrings=True)
-    quiet_lightning_noise()
-    tracking.use_quick_http_failures()
     words = sys.argv[1:] if argv is None else argv
+    if not words or words[0] in ("-h", "--help"):
+        print_help()
+        return
+    from xm2 import tracking
+
+    tracking.use_quick_http_failures()
     try:
-        if words and words[0] in TOOLS:
-            CLI(TOOLS, args=words)
+        if words[0] in TOOLS:
+            from jsonargparse import CLI, set_docstring_parse_options
+
+            set_docstring_parse_options(attribute_docstrings=True)
+            CLI({words[0]: tool(words[0])}, args=words)
             return
-        Xm2CLI(
-            Xm2Module,
-            MixtureDataModule,
-            save_config_callback=TrackConfig,
-            save_config_kwargs={"save_to_log_dir": False},
-            auto_configure_optimizers=False,
-            args=argv,
-        )
-    except (CheckpointError, NonFiniteLossError) as error:
-        # Errors xm2 raises on purpose say all there is to say; XM2_TRACEBACK=1 shows the stack.
-        if os.environ.get("XM2_TRACEBACK") or argv is not None:
+        from jsonargparse import set_docstring_parse_options
+
+        set_docstring_parse_options(attribute_docstrings=True)
+        from xm2.lightning_cli import run
+
+        run(argv)
+    except Exception as error:
+        # Errors xm2 raises on purpose say all there is to say; anything else keeps its
+        # traceback, and XM2_TRACEBACK=1 shows it for every error. Calls from Python get the
+        # exception itself.
+        found = errors.user_error(error)
+        if found is None or os.environ.get(errors.TRACEBACK_VARIABLE) or argv is not None:
             raise
-        sys.exit(f"xm2: error: {error}")
+        sys.exit(errors.message(found))
+
+
+def __getattr__(name: str) -> Any:
+    # The Lightning half moved to xm2.lightning_cli so that `xm2 --help` and the data tools start
+    # without importing Lightning; `from xm2.cli import Xm2CLI` keeps working.
+    if name in ("Xm2CLI", "TrackConfig", "quiet_lightning_noise", "validate_command"):
+        return getattr(importlib.import_module("xm2.lightning_cli"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

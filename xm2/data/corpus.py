@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from xm2.errors import ConfigError
 
 SPLITS = ("train", "val")
 
@@ -18,7 +21,16 @@ def load_manifest(corpus_dir: str | Path) -> dict:
             f"corpus manifest {path} is missing; build the corpus with "
             "`python scripts/build_corpus.py --out data/corpus` or point data.corpus_dir at one"
         )
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"corpus manifest {path} is not valid JSON ({error}); restore it "
+                          "(`git checkout data/corpus`) or rebuild the corpus with "
+                          "`python scripts/build_corpus.py --out data/corpus`") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
+        raise ConfigError(f'corpus manifest {path} has no "sources" object naming the sources '
+                          "(see data/CARD.md for what a source needs)")
+    return manifest
 
 
 def source_names(corpus_dir: str | Path) -> list[str]:
@@ -40,12 +52,21 @@ def split_path(corpus_dir: str | Path, source: str, split: str) -> Path:
 
 def read_documents(corpus_dir: str | Path, source: str, split: str) -> Iterator[str]:
     """The documents of one source and split, in file order."""
-    with gzip.open(split_path(corpus_dir, source, split), "rt", encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
-            try:
-                yield json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError) as error:
-                raise ValueError(
-                    f"{split_path(corpus_dir, source, split)} line {line_number} is not a JSON "
-                    f'object with a "text" field: {error}'
-                ) from error
+    path = split_path(corpus_dir, source, split)
+    line_number = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as lines:
+            for line_number, line in enumerate(lines, start=1):
+                try:
+                    yield json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    raise ConfigError(
+                        f"{path} line {line_number} is not a JSON object with a \"text\" field: "
+                        f"{error}"
+                    ) from error
+    except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"corpus file {path} is damaged after line {line_number} ({type(error).__name__}: "
+            f"{error}); a corpus file is gzip-compressed JSON lines. Restore it (`git checkout "
+            f"{path}` for the bundled corpus) or write it again"
+        ) from None

@@ -76,6 +76,7 @@ class MixtureDataModule(L.LightningDataModule):
         self.source_names = sorted(set(self.stable) | set(self.decay))
         self.tokenizer_path = Path(tokenizer_path or default_tokenizer_path(vocab_size))
         self._tokenizer_sha256: str | None = None
+        self._shards_checked = False
 
     @property
     def tokenizer_sha256(self) -> str | None:
@@ -98,10 +99,15 @@ class MixtureDataModule(L.LightningDataModule):
             if self.hparams.tokenizer_path:
                 load_tokenizer(self.tokenizer_path)  # raises: a named tokenizer must exist
             train_tokenizer(self.hparams.vocab_size, self.hparams.corpus_dir, self.tokenizer_path)
+        else:
+            self._check_vocab()  # before shards are written with a tokenizer that will not fit
         write_shards(self.hparams.corpus_dir, self.tokenizer_path, self.hparams.shards_dir,
                      self.source_names)
+        # Lightning opens the MLflow run after prepare_data: a bad tokenizer or shard found
+        # here leaves no FAILED run behind.
+        self._open_shards(check=True)
 
-    def setup(self, stage: str) -> None:
+    def _check_vocab(self) -> None:
         vocab = load_tokenizer(self.tokenizer_path).vocab_size()
         if vocab != self.hparams.vocab_size:
             raise ValueError(
@@ -109,12 +115,20 @@ class MixtureDataModule(L.LightningDataModule):
                 f"vocab_size={self.hparams.vocab_size}; train a matching one with "
                 f"`xm2 train-tokenizer --vocab_size {self.hparams.vocab_size}`"
             )
+
+    def _open_shards(self, check: bool) -> None:
         directory = shard_dir(self.hparams.shards_dir, self.tokenizer_path)
         seq_len = self.hparams.seq_len
-        self.train_rows = {name: PackedRows(open_shard(directory, name, "train"), seq_len, name)
-                           for name in self.source_names}
-        self.val_rows = {name: PackedRows(open_shard(directory, name, "val"), seq_len, name)
+        self.train_rows = {name: PackedRows(open_shard(directory, name, "train", check), seq_len,
+                                            name) for name in self.source_names}
+        self.val_rows = {name: PackedRows(open_shard(directory, name, "val", check), seq_len, name)
                          for name in self.source_names}
+        self._shards_checked = self._shards_checked or check
+
+    def setup(self, stage: str) -> None:
+        self._check_vocab()
+        # Ranks other than each node's first did not run prepare_data: they check here.
+        self._open_shards(check=not self._shards_checked)
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -8,12 +8,14 @@ A ``meta.json`` beside the arrays records the tokenizer's digest so stale shards
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from xm2.data.corpus import SPLITS, read_documents
 from xm2.data.tokenizer import EOS_ID, file_digest, load_tokenizer
+from xm2.errors import ConfigError
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -37,7 +39,12 @@ def write_shards(
             array_path = directory / source / f"{split}.bin"
             meta_path = array_path.with_suffix(".json")
             if meta_path.is_file():
-                continue
+                problem = shard_problem(meta_path)
+                if problem is None:
+                    continue
+                print(f"xm2: {problem}; writing it again", file=sys.stderr, flush=True)
+            print(f"xm2: tokenizing {source}/{split} into {array_path}", file=sys.stderr,
+                  flush=True)
             documents = list(read_documents(corpus_dir, source, split))
             encoded = tokenizer.encode(documents)
             tokens = np.fromiter(
@@ -66,14 +73,66 @@ def write_shards(
     return directory
 
 
-def open_shard(directory: str | Path, source: str, split: str) -> np.memmap:
-    """The token array of one source and split, memory-mapped read-only."""
+def _read_meta(meta_path: Path) -> dict:
+    """A shard's meta file, checked to name a dtype and token count."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        dtype, tokens = np.dtype(meta["dtype"]), int(meta["tokens"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"token shard meta file {meta_path} is damaged ({error!r})") from None
+    if dtype.kind != "u" or tokens < 0:
+        raise ConfigError(f"token shard meta file {meta_path} is damaged (dtype {meta['dtype']!r}, "
+                          f"tokens {tokens})")
+    return meta
+
+
+def shard_problem(meta_path: str | Path) -> str | None:
+    """What is wrong with the shard of ``meta_path`` (meta file, array size, token ids); None if
+    nothing. A damaged shard is found here, before a batch is read from it."""
+    meta_path = Path(meta_path)
+    array_path = meta_path.with_suffix(".bin")
+    try:
+        meta = _read_meta(meta_path)
+    except ConfigError as error:
+        return str(error)
+    dtype, tokens = np.dtype(meta["dtype"]), int(meta["tokens"])
+    expected = tokens * dtype.itemsize
+    actual = array_path.stat().st_size if array_path.is_file() else None
+    if actual != expected:
+        found = "missing" if actual is None else f"{actual} bytes"
+        return (f"token shard {array_path} is damaged: {found}, but its meta file records "
+                f"{tokens} {dtype.name} tokens ({expected} bytes)")
+    vocab_size = meta.get("vocab_size")
+    if isinstance(vocab_size, int) and tokens:
+        array = np.memmap(array_path, dtype=dtype, mode="r", shape=(tokens,))
+        # Chunked: a multi-gigabyte shard is scanned without reading it into memory at once.
+        largest = max(int(array[start:start + 2**24].max()) for start in range(0, tokens, 2**24))
+        if largest >= vocab_size:
+            return (f"token shard {array_path} is damaged: token id {largest} is outside its "
+                    f"tokenizer's vocabulary of {vocab_size}")
+    return None
+
+
+def _rebuild_hint(meta_path: Path) -> str:
+    source = meta_path.parent.name
+    return (f"delete {meta_path} and `xm2 fit` writes the shard again (or `xm2 tokenize "
+            f"--tokenizer_path <its tokenizer> --sources '[{source}]'`)")
+
+
+def open_shard(directory: str | Path, source: str, split: str, check: bool = True) -> np.memmap:
+    """The token array of one source and split, memory-mapped read-only.
+
+    With ``check``, a damaged shard (see :func:`shard_problem`) is refused by name.
+    """
     meta_path = Path(directory) / source / f"{split}.json"
     if not meta_path.is_file():
         raise FileNotFoundError(
             f"token shard {meta_path} is missing; `xm2 fit` writes shards in prepare_data, or run "
             "`xm2 tokenize`"
         )
-    meta = json.loads(meta_path.read_text())
+    problem = shard_problem(meta_path) if check else None
+    if problem:
+        raise ConfigError(f"{problem}; {_rebuild_hint(meta_path)}")
+    meta = _read_meta(meta_path)
     return np.memmap(meta_path.with_suffix(".bin"), dtype=meta["dtype"], mode="r",
                      shape=(meta["tokens"],))

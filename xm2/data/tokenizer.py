@@ -16,6 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from xm2.data.corpus import read_documents, source_names
+from xm2.errors import ConfigError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -107,7 +108,13 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
         raise FileNotFoundError(
             f"tokenizer {path} is missing; train one with `xm2 train-tokenizer --output {path}`"
         )
-    processor = spm.SentencePieceProcessor(model_file=str(path))
+    try:
+        processor = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        raise ConfigError(
+            f"tokenizer {path} is not a SentencePiece model file ({' '.join(str(error).split())}); "
+            "give a .model file written by SentencePiece, or train one with "
+            f"`xm2 train-tokenizer --output {path}`") from None
     if processor.eos_id() != EOS_ID:
         raise ValueError(f"tokenizer {path} has eos id {processor.eos_id()}; xm2 needs {EOS_ID}")
     return processor
