@@ -508,10 +508,11 @@ def fail_stale_trials(study: optuna.Study, stale_after_s: float, tracking_uri: s
     return failed
 
 
-def study_settings(space: SearchSpace, proxy: Runs, objective: str, trials: int) -> dict:
-    """What makes trials of one study comparable; a worker with other settings is refused."""
+def study_settings(space: SearchSpace, proxy: Runs, objective: str) -> dict:
+    """What makes trials of one study comparable; a worker with other settings is refused.
+    The number of trials is not among them: rerunning with more trials extends the study."""
     return json.loads(json.dumps({"space": asdict(space), "proxy": asdict(proxy),
-                                  "objective": objective, "trials": trials}))
+                                  "objective": objective}))
 
 
 def open_study(
@@ -541,8 +542,8 @@ def open_study(
                                    "or storage")
             time.sleep(1.0)
         stored = study.user_attrs.get(SETTINGS_ATTR) or {}
-        if stored != settings:
-            differing = sorted(key for key in settings if settings[key] != stored.get(key))
+        differing = sorted(key for key in settings if settings[key] != stored.get(key))
+        if differing:
             raise ValueError(f"study {name!r} in {storage} was created with other settings "
                              f"({', '.join(differing)} differ): its trials would not compare. "
                              "Use the study's settings, or a new name or storage")
@@ -861,7 +862,7 @@ def windtunnel(
     recipe = load_recipe(proxy)
     shape = run_shape(recipe, proxy)
     space.distributions()  # refuse a bad space before anything is created
-    settings = study_settings(space, proxy, objective, trials)
+    settings = study_settings(space, proxy, objective)
 
     def create_parent() -> str:
         return TrackedRun.start(
