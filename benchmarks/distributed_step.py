@@ -44,7 +44,8 @@ def main() -> None:
             subprocess.run(
                 [sys.executable, str(ROOT / "tests" / "distributed_run.py"), "--architecture",
                  "nano", "--batch_size", str(args.batch_size), "--max_steps", str(args.steps),
-                 "--val_every", str(args.steps), "--tokenizer_path", args.tokenizer_path,
+                 "--val_every", str(args.steps), "--clip", "1.0",
+                 "--tokenizer_path", args.tokenizer_path,
                  "--shards_dir", args.shards_dir, "--out", str(out), *extra],
                 check=True, env=env, capture_output=True)
             results[name] = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]

@@ -106,9 +106,10 @@ def test_meta_device_model_materialises_to_the_directly_built_one():
         lazy = Decoder(config)
     assert all(t.is_meta for t in (*lazy.parameters(), *lazy.buffers()))
     lazy.to_empty(device="cpu")
-    garbage = lazy.rope_cos.clone()
+    # to_empty leaves whatever the memory held; make that visible garbage.
+    for tensor in (*lazy.parameters(), *lazy.buffers()):
+        tensor.data.fill_(float("nan"))
     lazy.reset_parameters()
-    assert not torch.equal(garbage, direct.rope_cos)  # to_empty alone leaves no RoPE tables
     for (name, a), (_, b) in zip(direct.named_buffers(), lazy.named_buffers(), strict=True):
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(direct.named_parameters(), lazy.named_parameters(), strict=True):
@@ -208,8 +209,7 @@ def test_fsdp2_distributed_checkpoint_resumes_identically(training_runs, tokeniz
 
 
 @pytest.mark.slow
-def test_sharded_checkpoint_consolidates_into_one_file_validate_loads(
-        training_runs, tokenizer_path, shards, tmp_path):
+def test_sharded_checkpoint_consolidates_into_the_trained_weights(training_runs, tmp_path):
     root = training_runs["root"]
     target = Path(consolidate_checkpoint(str(root / "fsdp2" / "checkpoints" / "step=6.ckpt"),
                                          str(tmp_path / "step=6.ckpt")))
@@ -267,13 +267,10 @@ def test_torchrun_trains_fsdp2_through_the_cli_and_validate_loads_the_consolidat
 
 # --- configs and switches ---
 
-@pytest.mark.parametrize("configs", [
-    ["config/nano.yaml", "config/trainer/fsdp2.yaml"],
-    ["config/xmodel2-1.2b.yaml"],
-])
-def test_strategy_configs_compose_with_recipes(configs, tmp_path):
-    result = xm2("fit", *(arg for path in configs for arg in ("--config", str(ROOT / path))),
-                 "--print_config", cwd=tmp_path)
+def test_the_1_2b_recipe_parses_with_fsdp2(tmp_path):
+    # nano.yaml + trainer/fsdp2.yaml are composed by the torchrun test above.
+    result = xm2("fit", "--config", str(ROOT / "config" / "xmodel2-1.2b.yaml"), "--print_config",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     printed = yaml.safe_load(result.stdout)
     assert printed["trainer"]["strategy"]["class_path"] == "xm2.parallel.FSDP2Strategy"
