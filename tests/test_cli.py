@@ -1,8 +1,10 @@
 """End to end through the real `xm2` console script, MLflow store and SentencePiece model."""
 
 import os
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,11 @@ import torch
 from mlflow import MlflowClient
 
 from tests.conftest import CORPUS, ROOT
+from xm2.cli import TOOLS, tool
 
-XM2 = [sys.executable, "-m", "xm2.cli"]
+# The console script a user runs (as `make train` does); `python -m xm2.cli` where it is absent.
+CONSOLE_SCRIPT = Path(sys.executable).parent / "xm2"
+XM2 = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else [sys.executable, "-m", "xm2.cli"]
 SOURCES = ["code", "docs", "instruct_code", "instruct_math", "prose"]
 
 
@@ -40,16 +45,27 @@ def test_printed_config_trains_through_both_phases_into_mlflow(tmp_path, tokeniz
     assert printed.returncode == 0, printed.stderr
     (tmp_path / "run.yaml").write_text(printed.stdout)
 
-    fit = xm2("fit", "--config", "run.yaml", cwd=tmp_path)
+    fit = xm2("fit", "--config", "run.yaml", "--trainer.log_every_n_steps", "2", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    assert "Evaluate it with: xm2 validate --config run.yaml --ckpt_path " in fit.stdout
+    # The printed command starts xm2 as this fit was started and keeps its overrides.
+    (hint,) = [line for line in fit.stdout.splitlines() if line.startswith("Evaluate it with: ")]
+    validate_words = shlex.split(hint.removeprefix("Evaluate it with: "))
+    assert validate_words[:len(XM2) + 6] == [*XM2, "validate", "--config", "run.yaml",
+                                              "--trainer.log_every_n_steps", "2", "--ckpt_path"]
     assert "LeafSpec" not in fit.stderr and "Tip:" not in fit.stderr + fit.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("xm2").experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params["architecture/hidden_size"] == "64"
-    assert run.data.params["schedule/decay_start_step"] == "8"
+    params, tags = run.data.params, run.data.tags
+    assert params["architecture/hidden_size"] == "64"
+    assert params["schedule/decay_start_step"] == "8"
+    # Data, trainer and seed under their own prefixes; LightningCLI's internals not at all.
+    assert params["data/batch_size"] == "4" and params["data/stable/prose"] == "0.4"
+    assert params["trainer/max_steps"] == "12" and params["trainer/precision"] == "bf16-mixed"
+    assert params["trainer/accumulate_grad_batches"] == "1" and params["seed_everything"] == "1234"
+    assert not [key for key in params if key.startswith("_") or key == "batch_size"]
+    assert len(tags["xm2.git_commit"]) == 40 and tags["xm2.git_dirty"] in ("true", "false")
     metrics = run.data.metrics
     for name in ["train/loss", "train/tokens_seen", "lr-AdamW/hidden", "lr-AdamW/embedding",
                  "val/loss", "mixture/stable/prose", "mixture/decay/instruct_math",
@@ -70,10 +86,17 @@ def test_printed_config_trains_through_both_phases_into_mlflow(tmp_path, tokeniz
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["global_step"] == 12 and saved["mup"]["width_multiplier"] == 2.0
 
-    validate = xm2("validate", "--config", "run.yaml", "--ckpt_path", str(checkpoint),
-                   cwd=tmp_path)
+    assert Path(validate_words[-1]).resolve() == checkpoint.resolve()
+    validate = subprocess.run(validate_words, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert validate.returncode == 0, validate.stderr[-3000:]
     assert "val/loss_prose" in validate.stdout
+    # The evaluation is its own run, named for and linked to the run that made the checkpoint.
+    (evaluation,) = [r for r in client.search_runs([run.info.experiment_id])
+                     if r.info.run_id != run.info.run_id]
+    assert evaluation.info.run_name == "nano-wsd-validate-step12"
+    assert evaluation.data.tags["xm2.checkpoint_run_id"] == run.info.run_id
+    assert evaluation.data.params["trainer/max_steps"] == "12"
 
 
 @pytest.mark.parametrize(
@@ -88,9 +111,28 @@ def test_printed_config_trains_through_both_phases_into_mlflow(tmp_path, tokeniz
 def test_bad_input_fails_before_training_with_the_bad_value(tmp_path, tokenizer_path, shards,
                                                             override, message):
     result = xm2("fit", *smoke_args(tmp_path, tokenizer_path, shards), *override, cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr
+    # One line that names the bad value, and no traceback (XM2_TRACEBACK=1 would show it).
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("xm2: error: ")]
+    assert message in line
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    # Found before the MLflow run was opened: the store holds no FAILED run.
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_help_lists_every_command_and_starts_fast(tmp_path):
+    start = time.monotonic()
+    result = xm2("--help", cwd=tmp_path)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert listed == {"fit", "validate", "test", *TOOLS}
+    for name in TOOLS:  # each listed tool resolves to its function and documents it
+        assert tool(name).__doc__.split()[0] in result.stdout
+    # Lightning alone takes seconds to import; --help must not import it (measured:
+    # benchmarks/startup.py). Generous bound for a loaded machine.
+    assert seconds < 5, seconds
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -158,6 +159,9 @@ class Xm2CLI(LightningCLI):
         return resume.current_settings(dumped["model"], dumped["data"], settings)
 
     def before_fit(self) -> None:
+        # The module checks this in its setup, after Lightning has opened the MLflow run; here
+        # a mistake stops the command before there is a run to leave FAILED.
+        self.model.schedule.check_run_length(self.trainer.max_steps)
         self._guard_the_run()
         logger = self.trainer.logger
         if getattr(self, "resumed_run_id", None) and isinstance(logger, MLFlowLogger):
@@ -168,12 +172,41 @@ class Xm2CLI(LightningCLI):
         folder = (checkpointing.dirpath if isinstance(checkpointing, ModelCheckpoint)
                   and checkpointing.dirpath else self.trainer.default_root_dir)
         check_writable(folder)
+        self._label_params("fit")
 
     def before_validate(self) -> None:
         self._guard_the_run()
+        self._label_params("validate")
 
     def before_test(self) -> None:
         self._guard_the_run()
+        self._label_params("test")
+
+    def _label_params(self, subcommand: str) -> None:
+        """Log the run's parameters under one prefix per source and tag the code version.
+
+        Lightning logs the model's and the data module's hyperparameters in one flat namespace
+        (so ``batch_size`` could be either) plus LightningCLI's ``_instantiator``; here the data
+        module's are ``data/...``, the trainer's settings ``trainer/...`` are added, the
+        model's keep their groups (``architecture/``, ``optimizer/``, ``schedule/``, ...), and
+        the run is tagged with the git commit and whether the working tree had changes.
+        """
+        logger = self.trainer.logger
+        if not isinstance(logger, MLFlowLogger):
+            return
+        data_keys = set(self.datamodule.hparams_initial) if self.datamodule else set()
+        trainer_params = run_params(self.config[subcommand])
+        log_next = logger.log_hyperparams
+
+        def log_hyperparams(params: Any, *args: Any, **kwargs: Any) -> None:
+            params = dict(params) if isinstance(params, dict) else vars(params)
+            labelled = {(f"data/{key}" if key in data_keys else key): value
+                        for key, value in params.items() if not key.startswith("_")}
+            log_next({**labelled, **trainer_params}, *args, **kwargs)
+            for tag, value in git_tags().items():
+                logger.experiment.set_tag(logger.run_id, tag, value)
+
+        logger.log_hyperparams = log_hyperparams
 
     def _guard_the_run(self) -> None:
         # Atomic, verified checkpoint files whatever the strategy (it saves through checkpoint_io).
@@ -192,6 +225,46 @@ class Xm2CLI(LightningCLI):
     def after_validate(self) -> None:
         if self.tracking_guard:
             self.tracking_guard.report_unsent()
+
+
+# Trainer settings logged as ``trainer/<name>`` parameters of every run.
+TRAINER_PARAMS = ("max_steps", "precision", "accelerator", "devices", "num_nodes", "strategy",
+                  "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
+                  "val_check_interval", "limit_val_batches", "deterministic")
+
+
+def run_params(config: Namespace) -> dict[str, str]:
+    """The trainer settings and seed of a subcommand's config, as MLflow parameters."""
+    trainer = config.trainer
+    params = {}
+    for name in TRAINER_PARAMS:
+        value = trainer.get(name)
+        if isinstance(value, Namespace):  # a class given by class_path, e.g. a strategy
+            value = str(value.get("class_path")).rsplit(".", 1)[-1]
+        params[f"trainer/{name}"] = str(value)
+    params["seed_everything"] = str(config.get("seed_everything"))
+    return params
+
+
+def git_tags() -> dict[str, str]:
+    """``xm2.git_commit`` and ``xm2.git_dirty`` of the xm2 code that runs ("unknown" outside git)."""
+    folder = Path(__file__).resolve().parents[1]
+
+    def git(*words: str) -> str | None:
+        try:
+            result = subprocess.run(["git", "-C", str(folder), *words], capture_output=True,
+                                    text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"xm2.git_commit": "unknown", "xm2.git_dirty": "unknown"}
+    # Untracked files do not change what runs; modified tracked files do.
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"xm2.git_commit": commit,
+            "xm2.git_dirty": "unknown" if changes is None else str(bool(changes)).lower()}
 
 
 def validate_command(command: list[str] | None, checkpoint: str) -> str:

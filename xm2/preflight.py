@@ -71,7 +71,7 @@ def replaced_callbacks(config_paths: list[Any]) -> list[str]:
     """
     notes, earlier, source = [], [], None
     for path in config_paths:
-        path = str(getattr(path, "absolute", None) or getattr(path, "relative", path))
+        path = str(path)
         try:
             trainer = (yaml.safe_load(Path(path).read_text()) or {}).get("trainer") or {}
         except (OSError, yaml.YAMLError, AttributeError):

@@ -1,0 +1,232 @@
+"""Bad inputs give one line that names the key or file and the fix, and no traceback.
+
+The data and configuration checks are tested in-process; a few representative cases go through
+the real ``xm2`` console script, where the absence of a traceback is what is being tested.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import CORPUS, ROOT
+from xm2 import errors, preflight
+from xm2.data.corpus import load_manifest, read_documents
+from xm2.data.shards import open_shard, shard_problem, write_shards
+from xm2.data.tokenizer import load_tokenizer
+from xm2.errors import ConfigError
+from xm2.lightning_cli import validate_command
+
+CONSOLE_SCRIPT = Path(sys.executable).parent / "xm2"
+
+
+def one_line_error(result) -> str:
+    """The single error line of a failed command; fails if a traceback or more came with it."""
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert line.startswith("xm2: error: ")
+    return line
+
+
+@pytest.fixture
+def shard_copy(shards, tmp_path) -> Path:
+    """A private copy of the session's shards, to damage."""
+    return Path(shutil.copytree(shards, tmp_path / shards.name))
+
+
+def test_truncated_shard_is_refused_by_name(shard_copy):
+    array = shard_copy / "prose" / "train.bin"
+    array.write_bytes(array.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=rf"token shard {array} is damaged: 1000 bytes.*"
+                                          r"delete .*train.json and `xm2 fit` writes"):
+        open_shard(shard_copy, "prose", "train")
+
+
+def test_garbage_shard_is_found_before_a_batch_is_read(shard_copy):
+    array = shard_copy / "code" / "val.bin"
+    garbage = np.full(array.stat().st_size // 2, 65000, dtype=np.uint16)
+    garbage.tofile(array)
+    with pytest.raises(ConfigError, match="token id 65000 is outside its tokenizer's vocabulary "
+                                          "of 512"):
+        open_shard(shard_copy, "code", "val")
+
+
+def test_corrupt_meta_file_is_named(shard_copy):
+    meta = shard_copy / "docs" / "train.json"
+    meta.write_text('{"dtype": "uint16", "tok')
+    with pytest.raises(ConfigError, match=rf"token shard meta file {meta} is damaged"):
+        open_shard(shard_copy, "docs", "train")
+
+
+def test_write_shards_rewrites_a_damaged_shard(shard_copy, tokenizer_path, capsys):
+    array = shard_copy / "prose" / "val.bin"
+    intact = array.read_bytes()
+    array.write_bytes(intact[:10])
+    write_shards(CORPUS, tokenizer_path, shard_copy.parent, ["prose"])
+    assert "is damaged" in capsys.readouterr().err
+    assert array.read_bytes() == intact and shard_problem(array.with_suffix(".json")) is None
+
+
+@pytest.fixture
+def corpus_copy(tmp_path) -> Path:
+    corpus = tmp_path / "corpus"
+    (corpus / "prose").mkdir(parents=True)
+    shutil.copy(CORPUS / "manifest.json", corpus)
+    shutil.copy(CORPUS / "prose" / "val.jsonl.gz", corpus / "prose")
+    return corpus
+
+
+def test_truncated_corpus_file_is_named(corpus_copy):
+    path = corpus_copy / "prose" / "val.jsonl.gz"
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(ConfigError, match=rf"corpus file {path} is damaged .*EOFError.*Restore"):
+        list(read_documents(corpus_copy, "prose", "val"))
+
+
+def test_corpus_file_that_is_not_gzip_is_named(corpus_copy):
+    path = corpus_copy / "prose" / "val.jsonl.gz"
+    path.write_text('{"text": "plain, not compressed"}\n')
+    with pytest.raises(ConfigError, match=rf"corpus file {path} is damaged .*BadGzipFile"):
+        list(read_documents(corpus_copy, "prose", "val"))
+
+
+def test_corrupt_manifest_is_named(corpus_copy):
+    (corpus_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="manifest.json is not valid JSON"):
+        load_manifest(corpus_copy)
+
+
+def test_text_file_given_as_tokenizer_is_named(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a model\n")
+    with pytest.raises(ConfigError, match=rf"tokenizer {text} is not a SentencePiece model file"):
+        load_tokenizer(text)
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_accumulate_grad_batches_below_one_is_refused(value):
+    with pytest.raises(ConfigError, match=rf"trainer.accumulate_grad_batches={value} must be an "
+                                          "integer >= 1"):
+        preflight.check_trainer({"accumulate_grad_batches": value, "max_steps": 10})
+
+
+def test_unreachable_tracking_server_fails_in_seconds_naming_the_url():
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"tracking server http://127.0.0.1:{port} does not "
+                                          "answer"):
+        preflight.check_tracking_uri(f"http://127.0.0.1:{port}")
+    assert time.monotonic() - start < 10
+
+
+def test_a_new_sqlite_store_says_where_runs_go(tmp_path, capsys):
+    preflight.check_tracking_uri(f"sqlite:///{tmp_path}/typo/mlflow.db")
+    assert f"new MLflow store {tmp_path}/typo/mlflow.db" in capsys.readouterr().err
+    existing = tmp_path / "mlflow.db"
+    existing.touch()
+    preflight.check_tracking_uri(f"sqlite:///{existing}")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_config_replacing_the_callback_list_is_named(tmp_path):
+    adds, replaces = tmp_path / "adds.yaml", tmp_path / "replaces.yaml"
+    adds.write_text("trainer:\n  callbacks+:\n    - class_path: callbacks.coord_check.CoordCheck\n")
+    replaces.write_text("trainer:\n  callbacks:\n    - class_path: callbacks.coord_check.CoordCheck\n")
+    recipe = ROOT / "config" / "nano.yaml"
+    assert preflight.replaced_callbacks([recipe, adds]) == []
+    (note,) = preflight.replaced_callbacks([recipe, replaces])
+    assert "dropping LearningRateMonitor, ModelCheckpoint, MixtureMonitor" in note
+    assert "`callbacks+:`" in note
+
+
+def test_errors_wrapped_by_other_libraries_are_unwrapped():
+    def raise_wrapped():
+        try:
+            preflight.check_trainer({"accumulate_grad_batches": 0})
+        except ConfigError as error:
+            raise RuntimeError("Problem with given class_path") from error
+
+    with pytest.raises(RuntimeError) as caught:
+        raise_wrapped()
+    assert isinstance(errors.user_error(caught.value), ConfigError)
+    # A ValueError raised outside xm2 is a bug somewhere, and keeps its traceback.
+    with pytest.raises(ValueError) as foreign:
+        np.zeros(2).reshape(3)
+    assert errors.user_error(foreign.value) is None
+
+
+def test_validate_hint_starts_the_program_as_fit_was_started():
+    command = [".venv/bin/xm2", "fit", "--config", "run.yaml", "--model.optimizer.lr", "0.02",
+               "--ckpt_path", "old.ckpt", "--branch_decay_steps=4"]
+    assert validate_command(command, "runs/last.ckpt") == (
+        ".venv/bin/xm2 validate --config run.yaml --model.optimizer.lr 0.02 "
+        "--ckpt_path runs/last.ckpt")
+    started_as_module = validate_command(["/x/xm2/cli.py", "fit", "--config", "a b.yaml"], "l.ckpt")
+    assert started_as_module == f"{sys.executable} -m xm2.cli validate --config 'a b.yaml' " \
+                                "--ckpt_path l.ckpt"
+
+
+# Through the console script: what a person at a terminal sees.
+
+
+def console(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CONSOLE_SCRIPT), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_console_script_data_tool_error_is_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    result = console("tokenize", "--tokenizer_path", "notes.txt", "--corpus_dir", str(CORPUS),
+                     cwd=tmp_path)
+    assert "notes.txt is not a SentencePiece model file" in one_line_error(result)
+
+
+def test_console_script_damaged_corpus_is_one_line_and_leaves_no_run(tmp_path, tokenizer_path,
+                                                                     corpus_copy):
+    shutil.copy(CORPUS / "prose" / "train.jsonl.gz", corpus_copy / "prose")
+    damaged = corpus_copy / "prose" / "train.jsonl.gz"
+    damaged.write_bytes(damaged.read_bytes()[:5000])
+    result = console(
+        "fit", "--config", str(ROOT / "config" / "nano.yaml"),
+        "--config", str(ROOT / "tests" / "configs" / "smoke.yaml"),
+        "--data.corpus_dir", str(corpus_copy), "--data.tokenizer_path", str(tokenizer_path),
+        "--data.shards_dir", str(tmp_path / "shards"), "--data.stable", "{prose: 1}",
+        "--data.decay", "{prose: 1}",
+        "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--trainer.default_root_dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert f"corpus file {damaged} is damaged" in one_line_error(result)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def test_console_script_config_error_is_one_line_and_leaves_no_failed_run(tmp_path):
+    result = console("fit", "--config", str(ROOT / "config" / "nano.yaml"),
+                     "--model.architecture.num_heads", "3",
+                     "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+                     cwd=tmp_path)
+    assert "hidden_size=256 is not divisible by num_heads=3" in one_line_error(result)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert not client.search_runs(experiments)
+    shown = console("fit", "--config", str(ROOT / "config" / "nano.yaml"),
+                    "--trainer.accumulate_grad_batches", "0", cwd=tmp_path)
+    assert "trainer.accumulate_grad_batches=0" in one_line_error(shown)
+
+
+def test_traceback_shown_on_request(tmp_path, monkeypatch):
+    monkeypatch.setenv(errors.TRACEBACK_VARIABLE, "1")
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    result = console("tokenize", "--tokenizer_path", "notes.txt", "--corpus_dir", str(CORPUS),
+                     cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" in result.stderr
+    assert "ConfigError: tokenizer notes.txt is not a SentencePiece model file" in result.stderr
