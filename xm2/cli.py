@@ -36,6 +36,7 @@ LIGHTNING_COMMANDS = {
 TOOLS = {
     "train-tokenizer": "xm2.data.tokenizer:train_tokenizer",
     "tokenize": "xm2.cli:tokenize",
+    "add-source": "xm2.data.sources:add_source",
     "coord-check": "xm2.studies.coord_check:coord_check",
     "sweep": "xm2.studies.sweep:sweep",
     "windtunnel": "xm2.studies.windtunnel:windtunnel",

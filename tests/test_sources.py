@@ -1,0 +1,137 @@
+"""Your own data: a folder of text/JSONL files and a saved Hugging Face dataset become corpus
+sources that train; an existing SentencePiece model is used as it is."""
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+from mlflow import MlflowClient
+
+from tests.conftest import CORPUS, ROOT
+from tests.test_cli import smoke_args, xm2
+from xm2.data.corpus import read_documents, source_names
+from xm2.data.shards import open_shard, write_shards
+from xm2.data.sources import add_source
+from xm2.errors import ConfigError
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """An empty corpus (the bundled manifest, no source files) to add sources to."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(CORPUS / "manifest.json", folder)
+    return folder
+
+
+def real_documents(count: int) -> list[str]:
+    """Real text to stand for the user's own: documents of the bundled held-out prose."""
+    documents = list(read_documents(CORPUS, "prose", "val"))
+    return documents[:count]
+
+
+@pytest.fixture
+def text_folder(tmp_path):
+    folder = tmp_path / "my_notes"
+    (folder / "more").mkdir(parents=True)
+    documents = real_documents(24)
+    for index, text in enumerate(documents[:12]):
+        (folder / f"note{index}.txt").write_text(text)
+    with gzip.open(folder / "more" / "lines.jsonl.gz", "wt") as lines:
+        for text in documents[12:]:
+            lines.write(json.dumps({"body": text, "id": 1}) + "\n")
+    return folder
+
+
+@pytest.fixture
+def saved_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    documents = real_documents(30)
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": documents[:24]}),
+        "validation": datasets.Dataset.from_dict({"text": documents[24:]}),
+    }).save_to_disk(str(folder))
+    return folder
+
+
+def test_text_folder_becomes_a_source(corpus, text_folder):
+    add_source("notes", str(text_folder), str(corpus), text_field="body", licence="CC0")
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    entry = manifest["sources"]["notes"]
+    assert entry["licence"] == "CC0" and entry["train_docs"] + entry["val_docs"] == 24
+    assert entry["val_docs"] >= 1
+    assert "notes" in source_names(corpus)
+    documents = [*read_documents(corpus, "notes", "train"), *read_documents(corpus, "notes", "val")]
+    assert sorted(documents) == sorted(real_documents(24))
+
+
+def test_saved_dataset_keeps_its_validation_split(corpus, saved_dataset):
+    add_source("saved", str(saved_dataset), str(corpus))
+    assert list(read_documents(corpus, "saved", "val")) == real_documents(30)[24:]
+    assert len(list(read_documents(corpus, "saved", "train"))) == 24
+
+
+def test_bad_source_inputs_are_named(corpus, text_folder, saved_dataset):
+    with pytest.raises(ConfigError, match="source name 'My Notes'"):
+        add_source("My Notes", str(text_folder), str(corpus))
+    with pytest.raises(ConfigError, match="line 1 is not a JSON object with a 'text' field"):
+        add_source("notes", str(text_folder), str(corpus))
+    with pytest.raises(ConfigError, match="has no column 'body'; its columns: text"):
+        add_source("saved", str(saved_dataset), str(corpus), text_field="body")
+    add_source("saved", str(saved_dataset), str(corpus))
+    with pytest.raises(ConfigError, match="source 'saved' is already in"):
+        add_source("saved", str(saved_dataset), str(corpus))
+
+
+def test_an_existing_sentencepiece_model_is_used_as_is(tmp_path, corpus, text_folder):
+    """A tokenizer trained elsewhere (here: BPE, other settings, xm2's special ids) is not
+    retrained or converted: shards are written with it and read back."""
+    model = tmp_path / "theirs.model"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(line for text in real_documents(40) for line in text.split("\n")
+                               if line.strip()),
+        model_prefix=str(tmp_path / "theirs"), model_type="bpe", vocab_size=600,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    add_source("notes", str(text_folder), str(corpus), text_field="body")
+    directory = write_shards(corpus, model, tmp_path / "shards", ["notes"])
+    tokens = np.asarray(open_shard(directory, "notes", "train"))
+    processor = spm.SentencePieceProcessor(model_file=str(model))
+    first = processor.encode(next(read_documents(corpus, "notes", "train")))
+    assert tokens[:len(first)].tolist() == first and tokens[len(first)] == 2
+
+
+@pytest.mark.slow
+def test_new_sources_train_and_the_notebook_overlays_them(tmp_path, corpus, text_folder,
+                                                          saved_dataset, tokenizer_path):
+    for name, path, field in (("notes", text_folder, "body"), ("saved", saved_dataset, "text")):
+        added = xm2("add-source", name, str(path), "--corpus_dir", str(corpus),
+                    "--text_field", field, cwd=tmp_path)
+        assert added.returncode == 0, added.stderr[-2000:]
+    shards = tmp_path / "shards" / "unused"
+    fit = xm2("fit", *smoke_args(tmp_path, tokenizer_path, shards),
+              "--data.corpus_dir", str(corpus), "--data.stable", "{notes: 0.5, saved: 0.5}",
+              "--data.decay", "{saved: 1.0}", "--data.val_batches_per_source", "1",
+              "--trainer.logger.init_args.run_name", "own-data", cwd=tmp_path)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("xm2").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert {"val/loss_notes", "val/loss_saved", "mixture/stable/notes"} <= set(run.data.metrics)
+
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "notebooks" / "loss_curves.ipynb", as_version=4)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XM2_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+        patch.setenv("XM2_RUNS", "own-data")
+        patch.setenv("XM2_X_AXIS", "tokens")
+        NotebookClient(notebook, timeout=180, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "1 run(s) selected: own-data" in text
+    assert "notes" in text and "saved" in text
