@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 
 from tests.conftest import CORPUS, ROOT
 from tests.test_cli import smoke_args, xm2
-from xm2.data.corpus import read_documents, source_names
+from xm2.data.corpus import read_documents, source_names, text_source_names
 from xm2.data.shards import open_shard, write_shards
-from xm2.data.sources import add_source
+from xm2.data.sources import add_source, add_tokens
 from xm2.errors import ConfigError
 
 
@@ -87,15 +87,20 @@ def test_bad_source_inputs_are_named(corpus, text_folder, saved_dataset):
         add_source("saved", str(saved_dataset), str(corpus))
 
 
-def test_an_existing_sentencepiece_model_is_used_as_is(tmp_path, corpus, text_folder):
-    """A tokenizer trained elsewhere (here: BPE, other settings, xm2's special ids) is not
-    retrained or converted: shards are written with it and read back."""
-    model = tmp_path / "theirs.model"
+def their_tokenizer(folder):
+    """A SentencePiece model trained outside xm2: BPE, other settings, xm2's special ids."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(line for text in real_documents(40) for line in text.split("\n")
                                if line.strip()),
-        model_prefix=str(tmp_path / "theirs"), model_type="bpe", vocab_size=600,
+        model_prefix=str(folder / "theirs"), model_type="bpe", vocab_size=600,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    return folder / "theirs.model"
+
+
+def test_an_existing_sentencepiece_model_is_used_as_is(tmp_path, corpus, text_folder):
+    """A tokenizer trained elsewhere (here: BPE, other settings, xm2's special ids) is not
+    retrained or converted: shards are written with it and read back."""
+    model = their_tokenizer(tmp_path)
     add_source("notes", str(text_folder), str(corpus), text_field="body")
     directory = write_shards(corpus, model, tmp_path / "shards", ["notes"])
     tokens = np.asarray(open_shard(directory, "notes", "train"))
@@ -135,3 +140,21 @@ def test_new_sources_train_and_the_notebook_overlays_them(tmp_path, corpus, text
     text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
     assert "1 run(s) selected: own-data" in text
     assert "notes" in text and "saved" in text
+
+
+def test_a_pretokenized_file_is_a_source(tmp_path, corpus, tokenizer_path, shards):
+    encoder = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    ids = [token for text in real_documents(20) for token in (*encoder.encode(text), 2)]
+    np.save(tmp_path / "ids.npy", np.array(ids, dtype=np.int32))
+    add_tokens("mine", str(tmp_path / "ids.npy"), str(tokenizer_path), corpus_dir=str(corpus),
+               shards_dir=str(tmp_path / "shards"))
+    assert "mine" in source_names(corpus) and "mine" not in text_source_names(corpus)
+    directory = write_shards(corpus, tokenizer_path, tmp_path / "shards", ["mine"])  # nothing to do
+    train, val = (np.asarray(open_shard(directory, "mine", split)) for split in ("train", "val"))
+    assert [*train, *val] == ids and train[-1] == 2  # held out from a document boundary
+    with pytest.raises(ConfigError, match="source 'mine' was added as token ids"):
+        write_shards(corpus, their_tokenizer(tmp_path), tmp_path / "shards", ["mine"])
+    with pytest.raises(ConfigError, match="outside .* vocabulary of 512"):
+        np.save(tmp_path / "big.npy", np.array([1, 4000, 2]))
+        add_tokens("big", str(tmp_path / "big.npy"), str(tokenizer_path), corpus_dir=str(corpus),
+                   shards_dir=str(tmp_path / "shards"))

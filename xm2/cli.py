@@ -37,6 +37,7 @@ TOOLS = {
     "train-tokenizer": "xm2.data.tokenizer:train_tokenizer",
     "tokenize": "xm2.cli:tokenize",
     "add-source": "xm2.data.sources:add_source",
+    "add-tokens": "xm2.data.sources:add_tokens",
     "coord-check": "xm2.studies.coord_check:coord_check",
     "sweep": "xm2.studies.sweep:sweep",
     "windtunnel": "xm2.studies.windtunnel:windtunnel",
@@ -80,13 +81,13 @@ def tokenize(
             or an existing one; its eos id must be 2).
         corpus_dir: The corpus: the bundled one, or one with your sources (see README).
         shards_dir: Root folder of the shards.
-        sources: Sources to tokenize; default all.
+        sources: Sources to tokenize; default all with text (not those added as token ids).
     """
-    from xm2.data.corpus import source_names
+    from xm2.data.corpus import text_source_names
     from xm2.data.shards import write_shards
 
     return str(write_shards(corpus_dir, tokenizer_path, shards_dir,
-                            sources or source_names(corpus_dir)))
+                            sources or text_source_names(corpus_dir)))
 
 
 def print_help() -> None:

@@ -37,6 +37,12 @@ def source_names(corpus_dir: str | Path) -> list[str]:
     return sorted(load_manifest(corpus_dir)["sources"])
 
 
+def text_source_names(corpus_dir: str | Path) -> list[str]:
+    """Sources with text files, i.e. all but those added as token ids (``xm2 add-tokens``)."""
+    return sorted(name for name, entry in load_manifest(corpus_dir)["sources"].items()
+                  if not (isinstance(entry, dict) and entry.get("kind") == "pretokenized"))
+
+
 def split_path(corpus_dir: str | Path, source: str, split: str) -> Path:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}; allowed: {', '.join(SPLITS)}")

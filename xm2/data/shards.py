@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xm2.data.corpus import SPLITS, read_documents
+from xm2.data.corpus import SPLITS, read_documents, text_source_names
 from xm2.data.tokenizer import EOS_ID, file_digest, load_tokenizer
 from xm2.errors import ConfigError
 
@@ -34,6 +34,7 @@ def write_shards(
     tokenizer = load_tokenizer(tokenizer_path)
     directory = shard_dir(shards_root, tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size())
+    text_sources = text_source_names(corpus_dir)
     for source in sources:
         for split in SPLITS:
             array_path = directory / source / f"{split}.bin"
@@ -43,6 +44,11 @@ def write_shards(
                 if problem is None:
                     continue
                 print(f"xm2: {problem}; writing it again", file=sys.stderr, flush=True)
+            if source not in text_sources:
+                raise ConfigError(
+                    f"source {source!r} was added as token ids (xm2 add-tokens) for another "
+                    f"tokenizer: there is no {array_path} for {tokenizer_path}; train with the "
+                    "tokenizer recorded in its manifest entry, or add its tokens again")
             print(f"xm2: tokenizing {source}/{split} into {array_path}", file=sys.stderr,
                   flush=True)
             documents = list(read_documents(corpus_dir, source, split))

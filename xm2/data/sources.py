@@ -201,3 +201,123 @@ def add_source(
     print(f"xm2: source {name!r}: {len(train)} training and {len(val)} validation documents in "
           f"{folder}; use it with --data.stable '{{{name}: 1.0, ...}}'", file=sys.stderr)
     return str(folder)
+
+
+PRETOKENIZED = "pretokenized"
+
+
+def add_tokens(
+    name: str,
+    tokens: str,
+    tokenizer_path: str,
+    val_tokens: str | None = None,
+    val_fraction: float = 0.05,
+    dtype: str | None = None,
+    corpus_dir: str = "data/corpus",
+    shards_dir: str = "artifacts/shards",
+    licence: str = "unknown",
+    description: str = "",
+    overwrite: bool = False,
+) -> str:
+    """Add a pre-tokenized token file as a corpus source, written straight into the shards.
+
+    Args:
+        name: Source name used in data.stable/data.decay (lower case, digits, underscores).
+        tokens: Token ids of the training text: a .npy array, or a raw file of dtype integers,
+            documents separated by the tokenizer's EOS id (2).
+        tokenizer_path: The SentencePiece model the ids come from; training with another
+            tokenizer refuses this source.
+        val_tokens: Token ids of the held-out text; default: the last val_fraction of tokens
+            (from a document boundary).
+        val_fraction: Share held out when val_tokens is not given.
+        dtype: Integer type of a raw file (uint16, uint32, int32, int64); not needed for .npy.
+        corpus_dir: The corpus whose manifest lists the source.
+        shards_dir: Root folder of the token shards (data.shards_dir).
+        licence: The data's licence, recorded in the manifest.
+        description: What the data is, recorded in the manifest.
+        overwrite: Replace an existing source of that name.
+    """
+    import numpy as np
+
+    from xm2.data.shards import shard_dir, token_dtype
+    from xm2.data.tokenizer import EOS_ID, file_digest, load_tokenizer
+
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(f"source name {name!r}: use lower-case letters, digits and "
+                          "underscores, starting with a letter")
+    vocab_size = load_tokenizer(tokenizer_path).vocab_size()
+
+    def read(path: str) -> np.ndarray:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"token file {path} does not exist")
+        if file.suffix == ".npy":
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        elif dtype is None:
+            raise ConfigError(f"token file {path} is raw; give its --dtype (uint16, uint32, "
+                              "int32 or int64), or save it with numpy.save as .npy")
+        else:
+            array = np.memmap(file, dtype=np.dtype(dtype), mode="r")
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            raise ConfigError(f"token file {path} holds {array.dtype} of shape {array.shape}; "
+                              "a flat array of integer token ids is needed")
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= vocab_size):
+            raise ConfigError(f"token file {path} has ids from {int(array.min())} to "
+                              f"{int(array.max())}, outside {tokenizer_path}'s vocabulary of "
+                              f"{vocab_size}: it was tokenized with another tokenizer")
+        return array
+
+    train = read(tokens)
+    if val_tokens:
+        val = read(val_tokens)
+    else:
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1")
+        cut = int(len(train) * (1 - val_fraction))
+        boundaries = np.flatnonzero(np.asarray(train[:cut]) == EOS_ID)
+        cut = int(boundaries[-1]) + 1 if boundaries.size else cut
+        train, val = train[:cut], train[cut:]
+    if not len(train) or not len(val):
+        raise ConfigError(f"{tokens} gave {len(train)} training and {len(val)} validation "
+                          "tokens; a source needs some of each")
+
+    manifest_path = Path(corpus_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise ConfigError(f"{manifest_path} is missing; add sources to an existing corpus")
+    manifest = json.loads(manifest_path.read_text())
+    if name in manifest.get("sources", {}) and not overwrite:
+        raise ConfigError(f"source {name!r} is already in {manifest_path}; choose another name "
+                          "or pass --overwrite true")
+    digest = file_digest(tokenizer_path)
+    directory = shard_dir(shards_dir, tokenizer_path) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    out_dtype = token_dtype(vocab_size)
+    for split, array in (("train", train), ("val", val)):
+        array_path = directory / f"{split}.bin"
+        partial = array_path.with_suffix(".partial")
+        np.asarray(array, dtype=out_dtype).tofile(partial)
+        partial.replace(array_path)
+        meta = {"source": name, "split": split, "documents": None, "tokens": int(len(array)),
+                "dtype": out_dtype.name, "vocab_size": vocab_size,
+                "tokenizer": str(tokenizer_path), "tokenizer_sha256": digest,
+                "pretokenized_from": str(Path(val_tokens if split == "val" and val_tokens
+                                              else tokens).resolve())}
+        partial = array_path.with_suffix(".partial")
+        partial.write_text(json.dumps(meta, indent=2))
+        partial.replace(array_path.with_suffix(".json"))
+    manifest.setdefault("sources", {})[name] = {
+        "kind": PRETOKENIZED,
+        "description": description or f"token ids added by xm2 add-tokens from "
+                                      f"{Path(tokens).resolve()}",
+        "licence": licence,
+        "tokenizer": str(tokenizer_path),
+        "tokenizer_sha256": digest,
+        "train_tokens": int(len(train)),
+        "val_tokens": int(len(val)),
+    }
+    partial = manifest_path.with_suffix(".partial")
+    partial.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    partial.replace(manifest_path)
+    print(f"xm2: source {name!r}: {len(train)} training and {len(val)} validation tokens in "
+          f"{directory}", file=sys.stderr)
+    return str(directory)

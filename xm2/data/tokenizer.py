@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from xm2.data.corpus import read_documents, source_names
+from xm2.data.corpus import read_documents, text_source_names
 from xm2.errors import ConfigError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -65,7 +65,7 @@ def train_tokenizer(
     output.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(corpus_dir, sources or source_names(corpus_dir),
+        sentence_iterator=_training_lines(corpus_dir, sources or text_source_names(corpus_dir),
                                           max_lines, seed),
         model_writer=model,
         model_type="unigram",
