@@ -7,7 +7,7 @@ import torch
 
 
 class MixtureMonitor(L.Callback):
-    """Counts the tokens each source contributed, per phase, and logs their fractions.
+    """Counts the tokens each source contributed, per phase over all ranks, and logs their fractions.
 
     Logged every ``log_every_n_steps``: ``data/phase`` (0 stable, 1 decay) and
     ``mixture/<phase>/<source>``, the fraction of that phase's tokens so far that came from the
@@ -22,7 +22,9 @@ class MixtureMonitor(L.Callback):
         names = trainer.datamodule.source_names
         counts = self.tokens.setdefault(batch["phase"], torch.zeros(len(names), dtype=torch.float64))
         tokens_per_row = batch["tokens"].shape[1] - 1
-        counts += torch.bincount(batch["source_ids"].cpu(), minlength=len(names)).double() * tokens_per_row
+        batch_counts = torch.bincount(batch["source_ids"], minlength=len(names)) * tokens_per_row
+        # Summed over ranks, so every rank (and the checkpoint rank 0 writes) holds global counts.
+        counts += trainer.strategy.reduce(batch_counts.to(pl_module.device), reduce_op="sum").cpu().double()
         step, last_microbatch = batch["step"], (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if not last_microbatch or step % trainer.log_every_n_steps:
             return

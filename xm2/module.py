@@ -176,13 +176,18 @@ class Xm2Module(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Each rank checks its own shards; all decide together, so none waits in the save.
+        bad = []
         for name, tensor in checkpoint["state_dict"].items():
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                raise NonFiniteLossError(
-                    f"weight {name} is not finite at step {self.global_step}; the checkpoint was not "
-                    "written, so the last good one is kept. Lower model.optimizer.lr or check the data"
-                )
+                bad.append(name)
+        if self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            raise NonFiniteLossError(
+                f"weights {', '.join(bad[:3]) or 'on another rank'} are not finite at step "
+                f"{self.global_step}; the checkpoint was not written, so the last good one is kept. "
+                "Lower model.optimizer.lr or check the data"
+            )
         checkpoint["mup"] = self.architecture.mup_settings()
         checkpoint["xm2"] = {"record": self.checkpoint_record(), "trainer": self.trainer_settings()}
 
