@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import CORPUS, ROOT
-from xm2.cli import TOOLS, tool
+from xm2.cli import TOOLS, main, tool
 
 # The console script a user runs (as `make train` does); `python -m xm2.cli` where it is absent.
 CONSOLE_SCRIPT = Path(sys.executable).parent / "xm2"
@@ -45,13 +46,13 @@ def test_printed_config_trains_through_both_phases_into_mlflow(tmp_path, tokeniz
     assert printed.returncode == 0, printed.stderr
     (tmp_path / "run.yaml").write_text(printed.stdout)
 
-    fit = xm2("fit", "--config", "run.yaml", "--trainer.log_every_n_steps", "2", cwd=tmp_path)
+    fit = xm2("fit", "--config", "run.yaml", "--data.val_batches_per_source", "2", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]
     # The printed command starts xm2 as this fit was started and keeps its overrides.
     (hint,) = [line for line in fit.stdout.splitlines() if line.startswith("Evaluate it with: ")]
     validate_words = shlex.split(hint.removeprefix("Evaluate it with: "))
     assert validate_words[:len(XM2) + 6] == [*XM2, "validate", "--config", "run.yaml",
-                                              "--trainer.log_every_n_steps", "2", "--ckpt_path"]
+                                              "--data.val_batches_per_source", "2", "--ckpt_path"]
     assert "LeafSpec" not in fit.stderr and "Tip:" not in fit.stderr + fit.stdout
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -157,3 +158,19 @@ def test_resuming_from_a_mid_run_checkpoint_is_exact(tmp_path, tokenizer_path, s
     mixture = "MixtureMonitor"
     assert all(torch.equal(actual["callbacks"][mixture][phase], counts)
                for phase, counts in expected["callbacks"][mixture].items())
+
+
+def test_a_second_config_adds_a_callback_and_keeps_the_recipes(tmp_path, capsys):
+    adds = tmp_path / "adds.yaml"
+    adds.write_text("trainer:\n  callbacks+:\n    - class_path: callbacks.coord_check.CoordCheck\n"
+                    "      init_args: {every_n_steps: 50}\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--config", str(ROOT / "config" / "nano.yaml"), "--config", str(adds),
+              "--print_config"])
+    assert stopped.value.code in (0, None)
+    callbacks = [entry["class_path"] for entry in
+                 yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]]
+    assert callbacks[:3] == ["lightning.pytorch.callbacks.LearningRateMonitor",
+                             "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "callbacks.mixture.MixtureMonitor"]
+    assert callbacks[-1] == "callbacks.coord_check.CoordCheck"

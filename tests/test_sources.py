@@ -137,7 +137,8 @@ def test_new_sources_train_and_the_notebook_overlays_them(tmp_path, corpus, text
         patch.setenv("XM2_X_AXIS", "tokens")
         NotebookClient(notebook, timeout=180, kernel_name="python3",
                        resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for cell in notebook.cells for o in cell.get("outputs", []))
     assert "1 run(s) selected: own-data" in text
     assert "notes" in text and "saved" in text
 

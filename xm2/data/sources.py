@@ -209,7 +209,7 @@ PRETOKENIZED = "pretokenized"
 def add_tokens(
     name: str,
     tokens: str,
-    tokenizer_path: str,
+    tokenizer_path: str = "artifacts/tokenizers/unigram-4096.model",
     val_tokens: str | None = None,
     val_fraction: float = 0.05,
     dtype: str | None = None,
