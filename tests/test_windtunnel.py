@@ -143,6 +143,15 @@ def test_a_trial_is_the_recipe_shortened_to_the_token_budget():
         load_recipe(Runs(configs=("no/such.yaml",)))
 
 
+def test_transfer_refuses_a_study_that_does_not_exist(tmp_path):
+    with pytest.raises(ValueError, match="no study 'absent'.*run the search first"):
+        windtunnel(name="absent", action="transfer", output_dir=str(tmp_path),
+                   proxy=Runs(configs=(str(ROOT / "config" / "nano.yaml"),)),
+                   tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(ValueError, match="action='fit'; allowed: search, transfer, summary"):
+        windtunnel(action="fit")
+
+
 @pytest.mark.parametrize("kind", ["tpe", "gp"])
 def test_trial_n_is_proposed_with_seed_plus_n_whatever_the_process(kind):
     space = {"x": optuna.distributions.FloatDistribution(-3, 3),

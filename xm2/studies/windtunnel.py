@@ -845,6 +845,8 @@ def windtunnel(
         experiment_name: MLflow experiment.
         tracking_uri: MLflow tracking URI.
     """
+    if action not in ("search", "transfer", "summary"):
+        raise ValueError(f"windtunnel action={action!r}; allowed: search, transfer, summary")
     if trials < 1:
         raise ValueError(f"windtunnel trials={trials} must be >= 1")
     if not diverge_factor > 1:
@@ -876,6 +878,9 @@ def windtunnel(
                     "diverge_factor": diverge_factor,
                     **{f"space/{k}": v for k, v in asdict(space).items()}}).run_id
 
+    if action != "search" and name not in optuna.get_all_study_names(open_storage(storage)):
+        raise ValueError(f"windtunnel action={action}: there is no study {name!r} in {storage}; "
+                         "run the search first (action: search)")
     points = ([{k: v for k, v in recipe_values(recipe).items() if getattr(space, k) is not None}]
               if baseline else []) + list(enqueue or [])
     study, created = open_study(name, storage, make_sampler(sampler),
@@ -897,8 +902,6 @@ def windtunnel(
                distributions=space.distributions(), objective=objective, trials=trials,
                diverge_factor=diverge_factor, parent=parent,
                stale_after_s=stale_after_s, output=output, tracking_uri=tracking_uri)
-    elif action != "summary":
-        raise ValueError(f"windtunnel action={action!r}; allowed: search, transfer, summary")
     summary = summarize_study(study, recipe, parent, output, proxy.configs)
     summary.update(tokens_per_trial=shape.tokens, steps_per_trial=shape.steps,
                    mlflow_parent_run_id=parent.run_id, storage=storage)
