@@ -107,9 +107,11 @@ def _held_out(text: str, val_fraction: float) -> bool:
 
 def _write_jsonl_gz(path: Path, documents: list[str]) -> None:
     partial = path.with_suffix(".partial")
-    with gzip.open(partial, "wt", encoding="utf-8") as out:
+    # As the bundled corpus: mtime 0 and no name in the header, so the bytes follow the content.
+    with open(partial, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw,
+                                                   mtime=0) as out:
         for text in documents:
-            out.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+            out.write((json.dumps({"text": text}, ensure_ascii=False) + "\n").encode("utf-8"))
     partial.replace(path)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -64,9 +65,12 @@ def train_tokenizer(
     output = Path(output) if output else default_tokenizer_path(vocab_size)
     output.parent.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
+    sources = sources or text_source_names(corpus_dir)
+    # Minutes at the paper's vocabulary on a laptop: say what is happening.
+    print(f"xm2: training a {vocab_size}-piece Unigram tokenizer on up to {max_lines} lines of "
+          f"{', '.join(sources)} ({corpus_dir}) for {output}", file=sys.stderr, flush=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(corpus_dir, sources or text_source_names(corpus_dir),
-                                          max_lines, seed),
+        sentence_iterator=_training_lines(corpus_dir, sources, max_lines, seed),
         model_writer=model,
         model_type="unigram",
         vocab_size=vocab_size,
