@@ -80,7 +80,9 @@ def _tracking_failure(error: BaseException) -> BaseException | None:
             message = str(link.message)
             if message.startswith("API request to ") and " failed with" in message:
                 url = message.removeprefix("API request to ").split(" failed with")[0]
-                return ConfigError(f"the MLflow tracking server does not answer at {url}; start "
+                # MLflow names the full URL, or only the endpoint when the request never left.
+                where = f"at {url}" if url.startswith("http") else f"({message[:300]})"
+                return ConfigError(f"the MLflow tracking server does not answer {where}; start "
                                    "it, or log to a local store with --trainer.logger.init_args."
                                    "tracking_uri sqlite:///mlflow.db")
     return None

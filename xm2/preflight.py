@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -16,8 +18,8 @@ import yaml
 
 from xm2.errors import ConfigError
 
-# Seconds to wait for a tracking server to accept a connection: a live one answers in
-# milliseconds, and MLflow's own retries would take minutes to give up.
+# Seconds to wait for a tracking server to answer: a live one answers in milliseconds, and
+# MLflow's own retries would take minutes to give up.
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -39,21 +41,39 @@ def check_tracking_uri(uri: str | None) -> None:
         return
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parsed.hostname, port), timeout=CONNECT_TIMEOUT_S):
-                pass
-        except OSError as error:
-            reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+        problem = _http_problem(uri)
+        if problem:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
             raise ConfigError(
-                f"the MLflow tracking server {uri} does not answer ({reason}); start it (e.g. "
+                f"the MLflow tracking server {uri} does not answer ({problem}); start it (e.g. "
                 f"`mlflow server --host 127.0.0.1 --port {port}`) or log to a local store with "
-                "--trainer.logger.init_args.tracking_uri sqlite:///mlflow.db") from None
+                "--trainer.logger.init_args.tracking_uri sqlite:///mlflow.db")
     elif parsed.scheme == "sqlite":
         store = sqlite_path(uri)
         if store is not None and not store.exists():
             print(f"xm2: new MLflow store {store.resolve()} (tracking_uri {uri}); this run is "
                   "recorded there, not in an existing store", file=sys.stderr, flush=True)
+
+
+def _http_problem(uri: str) -> str | None:
+    """Why an HTTP request to the server fails; None if it answers at all.
+
+    An MLflow server answers ``/health`` (a proxy in front of one may ask for credentials: that
+    is an answer too); a refused connection, an unknown host, silence for CONNECT_TIMEOUT_S
+    seconds, "not found" or a server error are not.
+    """
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CONNECT_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError as error:
+        if error.code == 404 or error.code >= 500:
+            return f"HTTP {error.code} for /health: something answers there, not MLflow"
+        return None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return f"no answer in {CONNECT_TIMEOUT_S:.0f} s"
+        return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
 
 
 def sqlite_path(uri: str) -> Path | None:
