@@ -51,8 +51,12 @@ def mini_settings(tmp_path: Path, tokenizer_path: Path, shards: Path, **changes)
                 "data.batch_size": 4, "data.val_batches_per_source": 1,
                 "data.corpus_dir": str(CORPUS), "data.tokenizer_path": str(tokenizer_path),
                 "data.shards_dir": str(shards.parent), "trainer.precision": "32-true",
-                # best.yaml is this recipe: keep it seconds long as well.
+                # best.yaml is this recipe: keep it seconds long as well, without the
+                # recipe's analyses (they read data/eval relative to the project root).
                 "trainer.max_steps": 8, "trainer.val_check_interval": 4,
+                "trainer.callbacks": [
+                    {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+                    {"class_path": "callbacks.mixture.MixtureMonitor"}],
                 "model.schedule.warmup_steps": 2, "model.schedule.decay_start_step": 6,
             },
         },
