@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import CORPUS, ROOT
 from xm2 import errors, preflight
+from xm2.cli import main
 from xm2.data.corpus import load_manifest, read_documents
 from xm2.data.shards import open_shard, shard_problem, write_shards
 from xm2.data.tokenizer import load_tokenizer
@@ -230,3 +231,10 @@ def test_traceback_shown_on_request(tmp_path, monkeypatch):
                      cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" in result.stderr
     assert "ConfigError: tokenizer notes.txt is not a SentencePiece model file" in result.stderr
+
+
+def test_an_unknown_command_is_named_before_lightning_is_imported():
+    # `predict` is not offered: the recipe has no predict step or data.
+    with pytest.raises(SystemExit, match="unknown command 'predict'; the commands are fit, "
+                                         "validate, test, train-tokenizer"):
+        main(["predict", "--config", "config/nano.yaml"])

@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     if not words or words[0] in ("-h", "--help"):
         print_help()
         return
+    if not words[0].startswith("-") and words[0] not in (*LIGHTNING_COMMANDS, *TOOLS):
+        # Answered before Lightning is imported: a typo costs a moment, not ten seconds.
+        sys.exit(f"xm2: error: unknown command {words[0]!r}; the commands are "
+                 f"{', '.join([*LIGHTNING_COMMANDS, *TOOLS])} (xm2 --help says what each does)")
     from xm2 import tracking
 
     tracking.use_quick_http_failures()
