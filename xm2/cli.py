@@ -115,15 +115,13 @@ def main(argv: list[str] | None = None) -> None:
 
     tracking.use_quick_http_failures()
     try:
-        if words[0] in TOOLS:
-            from jsonargparse import CLI, set_docstring_parse_options
+        from jsonargparse import CLI, set_parsing_settings
 
-            set_docstring_parse_options(attribute_docstrings=True)
+        # Field help comes from the docstrings under dataclass fields, too.
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        if words[0] in TOOLS:
             CLI({words[0]: tool(words[0])}, args=words)
             return
-        from jsonargparse import set_docstring_parse_options
-
-        set_docstring_parse_options(attribute_docstrings=True)
         from xm2.lightning_cli import run
 
         run(argv)
