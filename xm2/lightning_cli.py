@@ -19,6 +19,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from xm2 import preflight, resume, tracking
 from xm2.checkpoint import (
@@ -203,6 +204,8 @@ class Xm2CLI(LightningCLI):
             labelled = {(f"data/{key}" if key in data_keys else key): value
                         for key, value in params.items() if not key.startswith("_")}
             log_next({**labelled, **trainer_params}, *args, **kwargs)
+            if rank_zero_only.rank != 0:  # the logger writes from the first rank only
+                return
             for tag, value in git_tags().items():
                 logger.experiment.set_tag(logger.run_id, tag, value)
 
