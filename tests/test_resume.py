@@ -318,5 +318,5 @@ def test_a_resume_extends_the_same_run_and_applies_safe_changes(finished_run, to
     assert run.info.status == "FINISHED"
     assert max(history(client, run.info.run_id, "train/loss")) == 13
     # MLflow keeps the value a run started with; the change is on record as a tag.
-    assert run.data.params["val_batches_per_source"] == "2"
-    assert run.data.tags["xm2.changed_on_resume.val_batches_per_source"] == "2 -> 1"
+    assert run.data.params["data/val_batches_per_source"] == "2"
+    assert run.data.tags["xm2.changed_on_resume.data/val_batches_per_source"] == "2 -> 1"
