@@ -45,6 +45,10 @@ from xm2.studies.tracked import TrackedRun, quiet_lightning
 
 # ----------------------------------------------------------------------------- settings
 
+ConfigValue = int | float | str | bool | list | dict | None
+"""A config value as YAML writes it. Not ``Any``: the CLI parser would instantiate a mapping
+with a ``class_path`` (e.g. a callbacks list) instead of keeping it as config."""
+
 
 @dataclass(frozen=True)
 class Dimension:
@@ -133,7 +137,7 @@ class Runs:
     keep_callbacks: tuple[str, ...] = ("lightning.pytorch.callbacks.LearningRateMonitor",
                                        "callbacks.mixture.MixtureMonitor")
     """Callbacks of the recipe kept in each run (class paths); checkpoints and progress bars go."""
-    overrides: dict[str, Any] | None = None
+    overrides: dict[str, ConfigValue] | None = None
     """Dotted config paths set in every run, e.g. ``data.val_batches_per_source: 2``."""
 
 
@@ -353,7 +357,7 @@ class FitResult:
 def tracked_fit(config: dict, logger, callbacks: list[L.Callback], objective: str) -> FitResult:
     """``xm2 fit`` of one config dict (the same parser, links and config logging), into
     ``logger``; a diverging fit ends early and is returned, not raised."""
-    from xm2.cli import TrackConfig, Xm2CLI  # the CLI imports the studies: import it late
+    from xm2.lightning_cli import TrackConfig, Xm2CLI  # Lightning's parser: import it late
     from xm2.module import Xm2Module
 
     config = copy.deepcopy(config)
@@ -860,6 +864,9 @@ def windtunnel(
     output = Path(output_dir) / name
     storage = storage or str(output / "journal.log")
     quiet_lightning()
+    from xm2.lightning_cli import quiet_lightning_noise
+
+    quiet_lightning_noise()  # the messages `xm2 fit` drops, dropped from every trial too
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     recipe = load_recipe(proxy)
     shape = run_shape(recipe, proxy)
