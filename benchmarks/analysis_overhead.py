@@ -118,7 +118,7 @@ def from_recipe(options) -> None:
         documents = list(read_documents(recipe["data"].get("corpus_dir", "data/corpus"),
                                         law.get("source", "prose"), "val"))
         windows = text_windows(tokenizer.encode(documents), config.max_seq_len,
-                               law.get("max_windows", 32), boundary_id=EOS_ID)
+                               law.get("max_windows", 32))
         with torch.no_grad(), autocast:
             loss, sem = per_position_loss(model, windows, law.get("batch_size", 8))
         fit_power_law(loss, sem, law.get("n_bins", 40))

@@ -18,7 +18,7 @@ from xm2.analysis.context_law import (
     text_windows,
 )
 from xm2.data.corpus import read_documents
-from xm2.data.tokenizer import EOS_ID, load_tokenizer
+from xm2.data.tokenizer import load_tokenizer
 
 
 class ContextLaw(AnalysisSchedule):
@@ -75,8 +75,10 @@ class ContextLaw(AnalysisSchedule):
                 documents = list(read_documents(trainer.datamodule.hparams.corpus_dir,
                                                 self.source, "val"))
             streams = tokenizer.encode(documents)
+            # Plain text, no end-of-text token in front: most windows start mid-document, and
+            # position t then has exactly t tokens of its own text as context.
             self._windows = text_windows(streams, pl_module.model.config.max_seq_len,
-                                         self.max_windows, boundary_id=EOS_ID)
+                                         self.max_windows)
         return self._windows
 
     def analyse(self, trainer, pl_module, step: int) -> None:

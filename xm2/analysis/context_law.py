@@ -47,8 +47,10 @@ def text_windows(token_streams: list[list[int]], window: int, max_windows: int |
         for start in range(0, len(stream) - body + 1, body):
             chunk = stream[start:start + body]
             rows.append(([boundary_id] if boundary_id is not None else []) + list(chunk))
-            if max_windows is not None and len(rows) >= max_windows:
-                return torch.tensor(rows, dtype=torch.long)
+    if max_windows is not None and len(rows) > max_windows:
+        # Evenly spread over all the text: windows of one document are alike, so taking the
+        # first ones would average over few documents.
+        rows = [rows[i] for i in np.linspace(0, len(rows) - 1, max_windows).round().astype(int)]
     if not rows:
         longest = max((len(s) for s in token_streams), default=0)
         raise ValueError(f"no text is long enough for a window of {window + 1} tokens (the longest "
