@@ -9,8 +9,9 @@ from nbclient import NotebookClient
 from tests.conftest import ROOT
 from tests.test_cli import smoke_args, xm2
 
-# Notebooks that read a study rather than a run are executed by their study's own test.
-EXECUTED_ELSEWHERE = {"decay_study.ipynb"}
+# Notebooks that need a study or the analysis callbacks are executed by their own tests
+# (tests/test_decay_study.py, tests/test_analysis_e2e.py).
+EXECUTED_ELSEWHERE = {"decay_study.ipynb", "analysis.ipynb"}
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if p.name not in EXECUTED_ELSEWHERE)
 
 
