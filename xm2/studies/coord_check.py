@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -203,7 +204,12 @@ def run_coord_check(
     check_settings(widths, steps, seeds)
     parametrization = "mup" if use_mup else "sp"
     table = []
-    for width in widths:
+    started = time.monotonic()
+    for number, width in enumerate(widths, 1):
+        # A check over large widths runs for many minutes on a CPU: say where it is.
+        print(f"coord-check {parametrization}: width {width} ({number}/{len(widths)}), {seeds} "
+              f"seeds × {steps} steps, {time.monotonic() - started:.0f} s so far",
+              file=sys.stderr, flush=True)
         config = width_config(width, use_mup=use_mup, base_width=base_width, num_layers=num_layers,
                               vocab_size=vocab_size, seq_len=tokens.shape[1] - 1,
                               num_kv_heads=num_kv_heads, scale_emb=scale_emb,
