@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.tensor import DTensor
 
+from callbacks.mixture import MixtureMonitor
 from xm2.config import ModelConfig
 from xm2.data.datamodule import MixtureDataModule
 from xm2.module import Xm2Module
@@ -126,7 +127,8 @@ def main() -> None:
     strategy = {"single": "auto", "ddp": DDPStrategy(process_group_backend="gloo"),
                 "fsdp2": FSDP2Strategy()}[args.strategy]
     recorder = Recorder()
-    callbacks: list = [recorder]
+    mixture = MixtureMonitor()
+    callbacks: list = [recorder, mixture]
     if args.checkpoint_every:
         callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", filename="{step}",
                                          every_n_train_steps=args.checkpoint_every,
@@ -155,6 +157,8 @@ def main() -> None:
         "step_seconds": recorder.step_seconds,
         "sharded": recorder.sharded,
         "rope_cos": module.model.rope_cos.tolist()[:3],
+        # Tokens per source and phase as the mixture monitor counted them (over all ranks).
+        "mixture": {phase: counts.tolist() for phase, counts in mixture.tokens.items()},
     }))
 
 

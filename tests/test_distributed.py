@@ -153,6 +153,9 @@ def test_two_processes_train_like_one_on_the_same_global_batch(training_runs, st
             assert got["phase"] == expected["phase"]
     phases = [single["steps"][str(s)]["phase"] for s in range(6)]
     assert phases == ["stable"] * 4 + ["decay"] * 2  # the switch at decay_start_step=4
+    # The mixture monitor counts every rank's tokens: each rank holds the global counts.
+    assert all(record["mixture"] == single["mixture"] for record in ranks)
+    assert set(single["mixture"]) == {"stable", "decay"}
     assert [v["step"] for v in ranks[0]["validations"]] == [3, 6]
     for got, expected in zip(val_losses(ranks[0]), val_losses(single), strict=True):
         assert got == pytest.approx(expected, abs=LOSS_TOLERANCE)
