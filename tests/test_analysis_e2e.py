@@ -4,16 +4,15 @@ MLflow run's metrics and artefacts, scoring of the real checkpoint, and notebook
 import json
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
-from nbclient import NotebookClient
 
 from tests.conftest import ROOT
 from tests.test_analysis import assert_batched_scoring_equals_direct
 from tests.test_cli import smoke_args, xm2
+from tests.test_notebooks import execute, images, outputs
 from xm2.analysis.eval_data import load_eval_set
 from xm2.config import ModelConfig
 from xm2.data.tokenizer import load_tokenizer
@@ -135,15 +134,9 @@ def test_scoring_a_real_checkpoint_equals_a_forward_pass_per_option(analysed, to
 @pytest.mark.slow
 def test_analysis_notebook_executes_on_the_run(analysed, monkeypatch):
     monkeypatch.setenv("XM2_TRACKING_URI", f"sqlite:///{analysed['db']}")
-    path = ROOT / "notebooks" / "analysis.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    images = [o for c in notebook.cells for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    assert len(images) >= 5
-    text = "\n".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                     for c in notebook.cells for o in c.get("outputs", []))
+    notebook = execute(ROOT / "notebooks" / "analysis.ipynb")
+    assert len(images(notebook)) >= 5
+    text = "\n".join(outputs(cell) for cell in notebook.cells)
     assert "decay starts at step 8; calibration of arc_easy_cloze, mmlu_letter at steps [4, 8, 12]" in text
     assert "before the decay" in text and "after the decay" in text
     assert "checkpoints evaluated by xm2 validate: [(12, " in text

@@ -2,13 +2,12 @@
 
 import json
 
-import nbformat
 import pytest
 from mlflow import MlflowClient
-from nbclient import NotebookClient
 
 from tests.conftest import CORPUS, ROOT
 from tests.test_cli import smoke_args, xm2
+from tests.test_notebooks import execute, images, text
 
 CONFIGS = [str(ROOT / "config" / "nano.yaml"), str(ROOT / "tests" / "configs" / "smoke.yaml"),
            str(ROOT / "tests" / "configs" / "decay_study.yaml")]
@@ -64,13 +63,7 @@ def test_the_study_branches_every_stable_checkpoint_and_compares_the_decay_data(
 @pytest.mark.slow
 def test_the_decay_study_notebook_lists_branches_and_draws_both_figures(study, monkeypatch):
     monkeypatch.setenv("XM2_TRACKING_URI", study["uri"])
-    path = ROOT / "notebooks" / "decay_study.ipynb"
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=180, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
-    images = [o for c in notebook.cells for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
-    assert len(images) == 2
-    text = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "")
-                   for c in notebook.cells for o in c.get("outputs", []))
-    assert "nano-wsd-decay-from-8-stable-mix" in text and "nano-wsd-decay-from-4" in text
+    notebook = execute(ROOT / "notebooks" / "decay_study.ipynb")
+    assert len(images(notebook)) == 2
+    printed = text(notebook)
+    assert "nano-wsd-decay-from-8-stable-mix" in printed and "nano-wsd-decay-from-4" in printed

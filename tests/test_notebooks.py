@@ -15,6 +15,27 @@ EXECUTED_ELSEWHERE = {"decay_study.ipynb", "analysis.ipynb"}
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if p.name not in EXECUTED_ELSEWHERE)
 
 
+def execute(path: Path) -> nbformat.NotebookNode:
+    """Run a notebook top to bottom in its own folder, as Jupyter would; return it with outputs."""
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=180, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return notebook
+
+
+def images(notebook: nbformat.NotebookNode) -> list:
+    return [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+
+
+def outputs(cell) -> str:
+    return "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
+                   for o in cell.get("outputs", []))
+
+
+def text(notebook: nbformat.NotebookNode) -> str:
+    return "\n".join(outputs(cell) for cell in notebook.cells)
+
+
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory, tokenizer_path, shards) -> Path:
     """An MLflow store holding one finished smoke run of the nano recipe, then a validate run."""
@@ -35,24 +56,14 @@ def executed(tracked_run) -> dict[str, nbformat.NotebookNode]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XM2_TRACKING_URI", f"sqlite:///{tracked_run}")
         for path in NOTEBOOKS:
-            notebook = nbformat.read(path, as_version=4)
-            NotebookClient(notebook, timeout=180, kernel_name="python3",
-                           resources={"metadata": {"path": str(path.parent)}}).execute()
-            notebooks[path.name] = notebook
+            notebooks[path.name] = execute(path)
     return notebooks
-
-
-def outputs(cell) -> str:
-    return "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", ""))
-                   for o in cell.get("outputs", []))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_executes_on_a_tracked_run(path, executed):
-    notebook = executed[path.name]
-    images = [o for c in notebook.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert images, f"{path.name} drew no figure"
+    assert images(executed[path.name]), f"{path.name} drew no figure"
 
 
 @pytest.mark.slow
