@@ -139,6 +139,7 @@ class Xm2CLI(LightningCLI):
             print(f"Applied: {line}", file=sys.stderr)
         if mode == "resume":
             self.resumed_run_id = _continue_run(config.trainer.logger, record)
+            self.resumed_record = record
         elif mode == "evaluate":
             _tag_evaluation_run(config.trainer.logger, record, path, subcommand)
         config.ckpt_path = path
@@ -169,6 +170,7 @@ class Xm2CLI(LightningCLI):
             # A killed run was left RUNNING or FAILED; it runs again now, and ends FINISHED.
             logger.experiment.update_run(self.resumed_run_id, status="RUNNING")
             tracking.log_params_once(logger, self.resumed_run_id)
+            tracking.log_missing_step_metrics(logger, self.resumed_run_id, self.resumed_record)
         checkpointing = self.trainer.checkpoint_callback
         folder = (checkpointing.dirpath if isinstance(checkpointing, ModelCheckpoint)
                   and checkpointing.dirpath else self.trainer.default_root_dir)

@@ -201,6 +201,11 @@ class Xm2Module(L.LightningModule):
             "decay_start_step": self.schedule.decay_start_step,
             "tokenizer_sha256": getattr(datamodule, "tokenizer_sha256", None),
             "tokenizer_path": str(getattr(datamodule, "tokenizer_path", "")) or None,
+            # Lightning writes a step's metrics to the loggers only after its checkpoint: a kill in
+            # between would lose them, so the checkpoint carries them for the resume to log.
+            "last_step_metrics": {key: float(value) for key, value in trainer.callback_metrics.items()
+                                  if key.startswith("train/") and torch.is_tensor(value)
+                                  and value.numel() == 1},
             **run_identity(trainer.logger),
         }
 

@@ -319,6 +319,19 @@ def log_params_once(logger: Any, run_id: str) -> None:
     logger.log_hyperparams = log_hyperparams
 
 
+def log_missing_step_metrics(logger: Any, run_id: str, record: dict) -> None:
+    """Log the checkpoint's last-step metrics if the killed run never got to log them."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    metrics = record.get("last_step_metrics") or {}
+    step = (record.get("global_step") or 0) - 1
+    if not metrics or step < 0 or rank_zero_only.rank != 0:
+        return
+    logged = {int(point.step) for point in logger.experiment.get_metric_history(run_id, "train/loss")}
+    if step not in logged:
+        logger.log_metrics(metrics, step=step)
+
+
 def branches(run_id: str, tracking_uri: str = "sqlite:///mlflow.db") -> list[dict]:
     """The decay branches of a run: one row per branch, ordered by source step.
 
