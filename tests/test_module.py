@@ -95,6 +95,8 @@ def _fsdp2_worker(rank: int, world_size: int, port: int, results) -> None:
             results["plain_groups"] = [(g["name"], g["lr"], len(g["params"])) for g in plain_groups]
             results["max_difference"] = max(
                 (after[name] - p).abs().max().item() for name, p in plain.named_parameters())
+        # Neither rank may tear the group down while the other still uses it: gloo aborts.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

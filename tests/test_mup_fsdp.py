@@ -42,6 +42,8 @@ def shard_and_step(rank: int, port: int, results: dict) -> None:
             "sharded": all(isinstance(p, DTensor) for p in model.parameters()),
             "names": sorted(name for name, _ in model.named_parameters()),
         }
+        # Neither rank may tear the group down while the other still uses it: gloo aborts.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
