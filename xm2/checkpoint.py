@@ -54,8 +54,12 @@ def _fsync_dir(directory: Path) -> None:
         os.close(descriptor)
 
 
-def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(file)`` into a partial file beside it, then rename."""
+def _write_partial(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write through ``write(file)`` into a fsynced partial file beside ``path``; return it.
+
+    On any failure (a full disk, an interrupt) the partial file is removed: nothing half-written
+    survives under any name.
+    """
     partial = partial_path(path)
     try:
         with open(partial, "wb") as file:
@@ -63,10 +67,9 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
             file.flush()
             os.fsync(file.fileno())
     except BaseException:
-        # A full disk or an interrupt: no half-written file may survive under any name.
         partial.unlink(missing_ok=True)
         raise
-    partial.replace(path)
+    return partial
 
 
 def read_record(path: str | Path) -> dict | None:
@@ -86,10 +89,7 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(path)
     try:
-        with open(partial, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
+        _write_partial(path, lambda file: torch.save(checkpoint, file))
         try:
             previous = read_record(path) if path.exists() else None
         except CheckpointError:
@@ -103,16 +103,17 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
             # the old record, kept here, still vouches for it.
             "previous": {k: v for k, v in previous.items() if k != "previous"} if previous else None,
         }
-        _write_atomically(record_path(path), lambda f: f.write(json.dumps(record, indent=2).encode()))
-    except Exception as error:
+        record_file = record_path(path)
+        _write_partial(record_file, lambda f: f.write(json.dumps(record, indent=2).encode())
+                       ).replace(record_file)
+    except BaseException as error:
         partial.unlink(missing_ok=True)
+        if not isinstance(error, Exception):
+            raise  # an interrupt stays an interrupt
         raise CheckpointError(
             f"saving checkpoint {path} failed ({type(error).__name__}: {error}); nothing was written "
             "under its name and earlier checkpoints are intact. Is the disk full?"
         ) from error
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
     partial.replace(path)
     _fsync_dir(path.parent)
     return record
