@@ -8,6 +8,8 @@ live in :mod:`xm2.mup`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,59 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
+@dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, filled in place as tokens come.
+
+    ``valid`` marks the key positions that may be attended to: generation left-pads prompts of
+    different lengths and marks the padding invalid. RoPE scores depend only on the distance
+    between a query and a key, so a left-padded row gives the same attention as the row alone.
+    """
+
+    keys: list[torch.Tensor]
+    """One (batch, kv_heads, max_len, head_dim) tensor per layer."""
+    values: list[torch.Tensor]
+    valid: torch.Tensor
+    """(batch, max_len) bool."""
+    length: int = 0
+    """Positions filled so far; the next tokens take positions length, length+1, ..."""
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, max_len: int | None = None,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> KVCache:
+        max_len = max_len or config.max_seq_len
+        if max_len > config.max_seq_len:
+            raise ValueError(f"a cache of {max_len} positions exceeds max_seq_len={config.max_seq_len}")
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)],
+                   torch.ones(batch, max_len, dtype=torch.bool, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.valid.shape[1]
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values of ``layer`` after the filled positions; return all of them."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attention_mask(self, new: int) -> torch.Tensor | None:
+        """(batch, 1, new, length+new) bool: causal over the new queries, valid keys only; None
+        when plain causal attention is exact (a first call with no padding)."""
+        end = self.length + new
+        valid = self.valid[:, :end]
+        if self.length == 0 and bool(valid.all()):
+            return None
+        causal = torch.ones(new, end, dtype=torch.bool, device=valid.device).tril(self.length)
+        # Every query sees at least itself, so padding rows stay finite instead of NaN.
+        itself = torch.zeros_like(causal)
+        itself[torch.arange(new), self.length + torch.arange(new)] = True
+        return (causal[None, None] & valid[:, None, None, :]) | itself[None, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -44,13 +99,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            mask = cache.attention_mask(seq)
+            k, v = cache.store(layer, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -74,9 +136,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.residual_scale = config.residual_scale
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         # µP rule 2: each branch output × scale_depth/√num_layers before the residual add.
-        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), cos, sin)
+        attention = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        x = x + self.residual_scale * attention
         return x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -119,21 +183,34 @@ class Decoder(nn.Module):
             self.rope_sin.copy_(sin)
         mup.init_parameters(self, self.config)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits of ``input_ids``; with a ``cache``, ``input_ids`` are the tokens that follow
+        the cached ones, and the cache is extended by them."""
         seq = input_ids.shape[1]
-        if seq > self.config.max_seq_len:
-            raise ValueError(f"sequence length {seq} exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        start = cache.length if cache is not None else 0
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if start + seq > limit:
+            raise ValueError(f"sequence length {start + seq} exceeds "
+                             + (f"the cache's {limit} positions" if cache is not None
+                                else f"max_seq_len={self.config.max_seq_len}"))
+        cos, sin = self.rope_cos[start:start + seq], self.rope_sin[start:start + seq]
         # µP rule 1: embedding output × scale_emb.
         h = self.embed_tokens(input_ids) * self.config.scale_emb
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, cache, index)
+        if cache is not None:
+            cache.length += seq
         h = self.norm(h)
         # µP rule 5: logits × 1/m, through the tied embedding.
         return F.linear(h, self.embed_tokens.weight) / self.config.width_multiplier
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default: the context)."""
+        weight = self.embed_tokens.weight
+        return KVCache.empty(self.config, batch, max_len, weight.dtype, weight.device)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

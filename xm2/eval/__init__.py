@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: loading, generation, the paper's benchmark suite, lm-eval."""
