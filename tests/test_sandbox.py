@@ -1,0 +1,268 @@
+"""The code sandbox runs real subprocesses: no network, no escape from its directory, limits that
+stop runaway programs. Each layer is tested alone where the machine has it."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from xm2.eval.sandbox import execute, execute_many
+
+TOKEN = b"xm2-sandbox-token"
+
+
+@pytest.fixture(scope="module")
+def layers() -> tuple[str, ...]:
+    return execute("pass").layers
+
+
+@pytest.fixture
+def server():
+    """A TCP server on 127.0.0.1 that answers every connection with TOKEN."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.sendall(TOKEN)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    listener.close()
+
+
+def client(port: int) -> str:
+    return (
+        "import socket\n"
+        f"with socket.create_connection(('127.0.0.1', {port}), timeout=2) as s:\n"
+        "    print(s.recv(100).decode())\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({}, id="all-layers"),
+        pytest.param({"network_namespace": "off"}, id="guard-alone"),
+        pytest.param({"guard": False}, id="namespace-alone"),
+    ],
+)
+def test_no_network(server, layers, options):
+    plain = subprocess.run(
+        [sys.executable, "-c", client(server)], capture_output=True, text=True, timeout=30
+    )
+    assert plain.stdout.strip() == TOKEN.decode(), plain.stderr  # the server is reachable
+
+    if not options.get("guard", True) and "network-namespace" not in layers:
+        pytest.skip(f"no network namespace on this machine: {layers}")
+    result = execute(client(server), timeout_s=10, **options)
+    assert result.status == "failed", result
+    assert TOKEN.decode() not in result.stdout
+    if options.get("guard", True):
+        assert "PermissionError: xm2 sandbox" in result.stderr
+        assert result.refused and result.refused[0].startswith("socket.")
+    else:
+        assert "Network is unreachable" in result.stderr
+
+
+def test_a_required_namespace_is_there_or_an_error(layers):
+    result = execute("print('ran')", network_namespace="require")
+    if "network-namespace" in layers:
+        assert result.passed and result.stdout == "ran\n"
+    else:
+        assert result.status == "error" and "network namespace" in result.reason
+        assert result.stdout == ""
+
+
+def test_an_infinite_loop_is_killed_at_the_timeout():
+    result = execute("while True:\n    pass\n", timeout_s=1.0)
+    assert result.status == "timeout", result
+    assert 1.0 <= result.seconds < 5.0
+    assert "wall-clock" in result.reason
+
+
+def test_a_sleeping_program_and_its_process_group_are_killed():
+    started = time.monotonic()
+    result = execute("import time\nprint('before', flush=True)\ntime.sleep(60)\n", timeout_s=1.0)
+    assert result.status == "timeout" and result.stdout == "before\n"
+    assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        pytest.param("x = bytearray(8 * 1024**3)\n", id="one-allocation"),
+        pytest.param("x = []\nwhile True:\n    x.append(bytearray(2**20))\n", id="growing"),
+    ],
+)
+def test_a_memory_bomb_is_stopped(program):
+    result = execute(program, timeout_s=10, memory_mb=256)
+    assert result.status == "error", result
+    assert "memory limit" in result.reason
+    assert result.seconds < 5.0
+
+
+def test_endless_output_is_stopped_and_truncated():
+    result = execute("while True:\n    print('y' * 1000)\n", max_file_mb=1, max_output_bytes=1000)
+    assert result.status == "error" and "file-size limit" in result.reason, result
+    assert result.stdout.startswith("y" * 1000)
+    assert "more bytes not shown" in result.stdout
+
+
+ESCAPES = {
+    "open": "open(OUTSIDE + '/escaped', 'w').write('x')",
+    "os.open": "import os\nos.open(OUTSIDE + '/escaped', os.O_CREAT | os.O_WRONLY)",
+    "pathlib": "import pathlib\npathlib.Path(OUTSIDE, 'escaped').write_text('x')",
+    "mkdir": "import os\nos.mkdir(OUTSIDE + '/escaped')",
+    "rename": "import os\nopen('inside', 'w').close()\nos.rename('inside', OUTSIDE + '/escaped')",
+    "shutil.copy": "import shutil\nopen('inside', 'w').close()\nshutil.copy('inside', OUTSIDE + '/escaped')",
+    "symlink": "import os\nos.symlink(OUTSIDE, 'link')\nopen('link/escaped', 'w').write('x')",
+    "chdir": "import os\nos.chdir(OUTSIDE)\nopen('escaped', 'w').write('x')",
+    "dir_fd": (
+        "import os\nfd = os.open(OUTSIDE, os.O_RDONLY)\n"
+        "os.close(os.open('escaped', os.O_CREAT | os.O_WRONLY, dir_fd=fd))"
+    ),
+    "sqlite": "import sqlite3\nsqlite3.connect(OUTSIDE + '/escaped').execute('create table t(x)')",
+}
+
+
+@pytest.mark.parametrize("way", list(ESCAPES))
+def test_cannot_write_outside_its_directory(tmp_path, way):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("kept")
+    program = f"OUTSIDE = {str(outside)!r}\n" + ESCAPES[way] + "\nprint('escaped')\n"
+    result = execute(program, timeout_s=10)
+    assert result.status == "failed", result
+    assert "PermissionError: xm2 sandbox" in result.stderr and result.refused
+    assert sorted(p.name for p in outside.iterdir()) == ["keep"]
+
+
+def test_cannot_remove_files_outside_its_directory(tmp_path):
+    keep = tmp_path / "keep"
+    keep.write_text("kept")
+    for program in (
+        f"import os\nos.remove({str(keep)!r})",
+        f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+    ):
+        assert execute(program).status == "failed"
+    assert keep.read_text() == "kept"
+
+
+@pytest.mark.parametrize(
+    "program",
+    [
+        pytest.param("import subprocess\nsubprocess.run(['echo', 'spawned'])", id="subprocess"),
+        pytest.param("import os\nos.system('echo spawned')", id="os.system"),
+        pytest.param("import os\nif os.fork() == 0:\n    print('spawned')", id="fork"),
+        pytest.param(
+            "import os\nos.posix_spawn('/bin/echo', ['echo', 'spawned'], {})", id="posix_spawn"
+        ),
+        pytest.param("import os\nos.execv('/bin/echo', ['echo', 'spawned'])", id="exec"),
+        pytest.param("import ctypes\nctypes.CDLL(None).system(b'echo spawned')", id="ctypes"),
+    ],
+)
+def test_cannot_start_a_process(program):
+    result = execute(program)
+    assert result.status == "failed", result
+    assert "spawned" not in result.stdout
+    assert "PermissionError: xm2 sandbox" in result.stderr
+
+
+def test_files_inside_its_directory_work_and_the_directory_is_removed():
+    program = (
+        "import os, shutil, tempfile\n"
+        "os.makedirs('a/b')\n"
+        "open('a/b/f.txt', 'w').write('hello')\n"
+        "shutil.copy('a/b/f.txt', 'g.txt')\n"
+        "fd, path = tempfile.mkstemp()\n"
+        "os.chmod('a', 0o500)\n"  # a read-only leftover must not stop the clean-up
+        "print(os.getcwd())\n"
+        "print(open('g.txt').read(), os.path.dirname(path) == os.getcwd())\n"
+    )
+    result = execute(program)
+    assert result.passed, result
+    workdir, line = result.stdout.splitlines()
+    assert line == "hello True"
+    assert os.path.basename(workdir).startswith("xm2-sandbox-")
+    assert not os.path.exists(workdir)
+
+
+def test_output_and_exit_codes_are_reported():
+    result = execute("import sys\nprint('out')\nprint('err', file=sys.stderr)\n")
+    assert (result.status, result.returncode, result.stdout, result.stderr) == (
+        "passed",
+        0,
+        "out\n",
+        "err\n",
+    )
+    failed = execute("def f():\n    assert 1 + 1 == 3\nf()\n")
+    assert (failed.status, failed.returncode) == ("failed", 1)
+    # The traceback names the program's lines, not the sandbox's own code.
+    assert 'main.py", line 3' in failed.stderr and "<string>" not in failed.stderr
+    assert execute("import sys\nsys.exit(3)").reason == "exit code 3"
+    assert execute("def f(:\n").status == "failed"  # a syntax error is the program's fault
+
+
+def test_execute_many_keeps_the_order():
+    programs = [f"print({i} * {i})" for i in range(6)] + ["raise SystemExit(2)"]
+    results = execute_many(programs, workers=3, timeout_s=10)
+    assert [r.stdout.strip() for r in results[:-1]] == [str(i * i) for i in range(6)]
+    assert [r.status for r in results] == ["passed"] * 6 + ["failed"]
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="network_namespace='sometimes'"):
+        execute("pass", network_namespace="sometimes")
+
+
+FORKING = (
+    "import os, time\n"
+    "child = os.fork()\n"
+    "if child == 0:\n"
+    "    time.sleep(60)\n"
+    "    os._exit(0)\n"
+    "print(child, flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="RLIMIT_NPROC stops the fork for users other than root"
+)
+def test_a_timeout_kills_the_whole_process_group():
+    # Without the guard, root can fork: the child must die with its parent at the timeout.
+    result = execute(FORKING, timeout_s=1.0, guard=False)
+    assert result.status == "timeout", result
+    child = int(result.stdout)
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="RLIMIT_NPROC does not bind root")
+def test_rlimit_nproc_stops_a_fork_without_the_guard():
+    result = execute(FORKING, timeout_s=5.0, guard=False)
+    assert result.status == "failed" and "BlockingIOError" in result.stderr, result
