@@ -11,9 +11,10 @@ in a fresh Python process and says whether it passed:
 - resource limits (``setrlimit``): address space (``memory_mb``), CPU seconds (the timeout plus
   one), file size, open files, no core dumps and, for a user other than root, no new processes;
   and a wall-clock timeout;
-- network: where the kernel allows it, the program runs in a new network namespace (a new user
-  namespace too where that is allowed), which has no interface but a loopback that is down, so
-  no address, not even 127.0.0.1, can be reached;
+- namespaces, where the kernel allows them (``unshare``; a new user namespace too where that is
+  allowed): a new network namespace, which has no interface but a loopback that is down, so no
+  address, not even 127.0.0.1, can be reached; and a new mount namespace in which every mount is
+  read-only except the temporary directory (the machine's own mounts are untouched);
 - a guard inside the interpreter: an audit hook (PEP 578; it cannot be removed once added) that
   refuses, with a ``PermissionError``, network use (sockets other than ``AF_UNIX``, connect,
   bind, send-to, name lookups), new processes (``subprocess``, ``os.system``, ``exec*``,
@@ -24,12 +25,13 @@ in a fresh Python process and says whether it passed:
 What it does not protect against. The guard is Python code in the program's own process: it
 stops accidents and naive code (a completion that deletes files, calls ``os.system`` or fetches a
 URL), not a determined attacker, who could tamper with the interpreter's state or find a path
-the audit events do not cover (``os.mknod`` and ``os.mkfifo`` are removed for that reason). Reads
-are not restricted: the program can read any file the user can. Where the namespaces are
-available, they are enforced by the kernel: no network, and (in a user namespace) none of root's
-capabilities over the rest of the machine. Without them (many CI containers and laptops),
-network refusal rests on the guard alone. Run as root without a user namespace, the program is
-root, and only the guard stands between it and the machine. For untrusted code in bulk, run the
+the audit events do not cover (``os.mknod``, ``os.mkfifo`` and ``os.chroot`` are removed for that
+reason). Reads are not restricted: the program can read any file the user can (and print it).
+The namespaces are enforced by the kernel: no network, no writes outside the directory, and (in a
+user namespace) none of root's capabilities over the rest of the machine. Without them (many CI
+containers; laptops where unprivileged user namespaces are disabled), network and file refusal
+rest on the guard alone; run as root without a user namespace, the program is root, and only the
+guard stands between it and the machine. For untrusted code in bulk, run the
 whole evaluation in a container or VM as well. ``ExecutionResult.layers`` records which layers
 were active for each run.
 """
@@ -83,10 +85,10 @@ class ExecutionResult:
     reason: str = ""
     """Why the status is not ``passed``, in words (e.g. ``wall-clock timeout after 10 s``)."""
     layers: tuple[str, ...] = ()
-    """The isolation layers that were active: ``rlimits``, ``no-new-processes`` (RLIMIT_NPROC,
-    binding only for users other than root), ``network-namespace``, ``user-namespace``,
-    ``audit-guard``; and ``unavailable: <layer>: <why>`` for a layer that was asked for but could
-    not be set up."""
+    """The isolation layers that were active: ``user-namespace``, ``network-namespace``,
+    ``read-only-filesystem`` (a mount namespace), ``rlimits``, ``no-new-processes``
+    (RLIMIT_NPROC, binding only for users other than root), ``audit-guard``; and
+    ``unavailable: <layer>: <why>`` for a layer that was tried but could not be set up."""
     refused: tuple[str, ...] = ()
     """The operations the guard refused (at most 50), e.g. ``socket.connect ('127.0.0.1', 80)``;
     a program that catches the ``PermissionError`` still shows up here."""
@@ -110,8 +112,9 @@ def execute(
     """Run ``program`` (Python source) in the sandbox described in this module's docstring.
 
     ``timeout_s`` is wall-clock time, start-up included; ``memory_mb`` caps the address space.
-    ``network_namespace``: ``auto`` uses a network namespace where the kernel allows one,
-    ``require`` reports an ``error`` where it does not, ``off`` never tries. ``guard=False``
+    ``network_namespace``: ``auto`` enters the namespaces (network; user and mount where possible)
+    where the kernel allows it, ``require`` reports an ``error`` where it cannot enter a network
+    namespace, ``off`` never tries. ``guard=False``
     leaves out the audit hook (for testing the other layers alone). ``max_file_mb`` caps every
     file the program writes, its captured output included. ``python`` is the interpreter
     (default: this one).
@@ -325,24 +328,60 @@ def report(line):
             pass
 
 
-def unshare_network():
+def enter_namespaces(workdir):
+    # New network (and user, mount) namespaces; returns the layers set up, raises OSError.
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    clone_newuser, clone_newnet = 0x10000000, 0x40000000
+    user, network, mount = 0x10000000, 0x40000000, 0x00020000  # CLONE_NEW*
     # A user namespace as well, where allowed: even root then holds no capability outside it.
-    if libc.unshare(clone_newuser | clone_newnet) == 0:
-        return ("user-namespace", "network-namespace")
-    user_error = os.strerror(ctypes.get_errno())
-    if libc.unshare(clone_newnet) == 0:
-        return ("network-namespace",)
-    raise OSError(f"unshare: {user_error} (with a user namespace), "
-                  f"{os.strerror(ctypes.get_errno())} (without)")
+    attempts = ((user | network | mount, ("user-namespace", "network-namespace")),
+                (network | mount, ("network-namespace",)), (network, ("network-namespace",)))
+    errors = []
+    for flags, layers in attempts:
+        if libc.unshare(flags) == 0:
+            break
+        errors.append(os.strerror(ctypes.get_errno()))
+    else:
+        raise OSError("unshare: " + ", ".join(dict.fromkeys(errors)))
+    if not flags & mount:
+        report("unavailable read-only-filesystem: no mount namespace")
+        return layers
+    try:
+        readonly_except(libc, ctypes, workdir)
+    except OSError as error:
+        report(f"unavailable read-only-filesystem: {error}")
+        return layers
+    return layers + ("read-only-filesystem",)
+
+
+def readonly_except(libc, ctypes, workdir):
+    # Every mount read-only (in this mount namespace only) except the sandbox directory.
+    ms_rec, ms_private, ms_bind = 0x4000, 1 << 18, 0x1000
+    mount_setattr, at_fdcwd, at_recursive, mount_attr_rdonly = 442, -100, 0x8000, 1
+
+    class MountAttr(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64)
+                    for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+    def check(result, what):
+        if result != 0:
+            raise OSError(f"{what}: {os.strerror(ctypes.get_errno())}")
+
+    path = workdir.encode()
+    check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "mount --make-rprivate /")
+    check(libc.mount(path, path, None, ms_bind | ms_rec, None), "mount --bind")
+    for target, flags, attributes in ((b"/", at_recursive, MountAttr(mount_attr_rdonly, 0, 0, 0)),
+                                      (path, 0, MountAttr(0, mount_attr_rdonly, 0, 0))):
+        check(libc.syscall(mount_setattr, at_fdcwd, target, flags, ctypes.byref(attributes),
+                           ctypes.sizeof(attributes)), "mount_setattr")
+    # The working directory was entered before the bind mount: enter it again, through the mount.
+    os.chdir(workdir)
 
 
 if config["network_namespace"] != "off":
     try:
-        for layer in unshare_network():
+        for layer in enter_namespaces(os.path.realpath(config["workdir"])):
             report("layer " + layer)
     except (OSError, AttributeError) as error:
         report(f"unavailable network-namespace: {error}")
@@ -381,6 +420,7 @@ def install_guard(workdir):
     af_unix = _socket.AF_UNIX
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     prefix = workdir + "/"
+    devnull = os.devnull
     refused_names = {
         "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn",
         "os.startfile", "subprocess.Popen", "socket.connect", "socket.bind", "socket.sendto",
@@ -427,7 +467,7 @@ def install_guard(workdir):
             if isinstance(path, int):
                 return
             writing = bool((flags or 0) & write_flags)
-            if writing and not inside(path):
+            if writing and not inside(path) and resolve(path) != devnull:
                 refuse(event, args, "writing outside the sandbox directory")
             if not writing and isdir(path) and not inside(path):
                 refuse(event, args, "opening a directory outside the sandbox directory")
@@ -470,7 +510,7 @@ def install_guard(workdir):
 if config["guard"]:
     install_guard(os.path.realpath(config["workdir"]))
     report("layer audit-guard")
-del install_guard, unshare_network
+del install_guard, enter_namespaces, readonly_except
 
 
 def run_program(path, memory_exit):
