@@ -42,11 +42,15 @@ TOOLS = {
     "sweep": "xm2.studies.sweep:sweep",
     "windtunnel": "xm2.studies.windtunnel:windtunnel",
     "prepare-eval": "xm2.analysis.eval_data:prepare_eval",
+    "evaluate": "xm2.eval.suite:evaluate",
     "branches": "xm2.tracking:print_branches",
     "decay-study": "xm2.studies.decay:decay_study",
     "tracking-sync": "xm2.tracking:tracking_sync",
     "consolidate-checkpoint": "xm2.interop.sharded:consolidate_checkpoint",
     "memory": "xm2.memory:memory",
+    "export-hf": "xm2.interop.hf:export_hf",
+    "import-hf": "xm2.interop.hf:import_hf",
+    "generate": "xm2.eval.generate:generate_command",
 }
 
 
