@@ -86,13 +86,16 @@ def encode_request(tokenizer, request: Request, max_len: int, boundary_id: int) 
 
 @torch.no_grad()
 def score_requests(model: torch.nn.Module, encoded: list[tuple[list[int], int]],
-                   batch_size: int = 32) -> np.ndarray:
+                   batch_size: int = 32, return_greedy: bool = False):
     """Sum of log-probabilities of each request's continuation tokens, in batches.
 
     ``model`` maps (batch, seq) ids to (batch, seq, vocab) logits. Requests whose inputs are the
     same token sequence share one forward pass (in the letter format, all options of a question
     differ only in their last token, the one being predicted). Inputs are sorted by length so that
     batches carry little padding.
+
+    With ``return_greedy``, returns ``(scores, greedy)``: ``greedy[i]`` says whether every
+    continuation token of request ``i`` is the model's most likely one (lm-eval's ``is_greedy``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -104,6 +107,7 @@ def score_requests(model: torch.nn.Module, encoded: list[tuple[list[int], int]],
     for request, sequence in enumerate(owner):
         readers[sequence].append(request)
     scores = np.zeros(len(encoded))
+    greedy = np.zeros(len(encoded), dtype=bool)
     order = sorted(range(len(unique)), key=lambda i: -len(unique[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
@@ -119,7 +123,9 @@ def score_requests(model: torch.nn.Module, encoded: list[tuple[list[int], int]],
                 log_probs = F.log_softmax(logits[row, len(ids) - 1 - n_continuation:len(ids) - 1]
                                           .float(), dim=-1)
                 scores[request] = log_probs.gather(1, targets[:, None]).sum().item()
-    return scores
+                if return_greedy:
+                    greedy[request] = bool((log_probs.argmax(dim=-1) == targets).all())
+    return (scores, greedy) if return_greedy else scores
 
 
 @dataclass
