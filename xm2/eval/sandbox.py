@@ -38,7 +38,7 @@ were active for each run.
 
 from __future__ import annotations
 
-import json
+import marshal
 import math
 import os
 import shutil
@@ -119,6 +119,10 @@ def execute(
     file the program writes, its captured output included. ``python`` is the interpreter
     (default: this one).
     """
+    if os.name != "posix":
+        raise NotImplementedError(
+            "the code sandbox needs a POSIX system (Linux, or macOS without namespaces)"
+        )
     if network_namespace not in NETWORK_NAMESPACE_MODES:
         raise ValueError(
             f"network_namespace={network_namespace!r}: expected one of {NETWORK_NAMESPACE_MODES}"
@@ -193,7 +197,9 @@ def _run_child(
             "setup_exit": _SETUP_EXIT,
             "max_report_lines": _MAX_REPORT_LINES,
         }
-        command = [python, "-I", "-S", "-B", "-X", "utf8", "-c", _CHILD, json.dumps(config)]
+        # marshal, not json: the child then imports nothing to read it (json imports re).
+        arguments = marshal.dumps(config).hex()
+        command = [python, "-I", "-S", "-B", "-X", "utf8", "-c", _CHILD, arguments]
         start = time.monotonic()
         try:
             process = subprocess.Popen(
@@ -307,14 +313,15 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# The child: run by `python -I -S -B -X utf8 -c _CHILD <config json>` in the temporary directory.
+# The child: run by `python -I -S -B -X utf8 -c _CHILD <config: marshal, hex>` in the directory.
 # It sets up the layers in this order (the namespace first: a user namespace needs a
 # single-threaded process, and ctypes is refused once the guard is in), writes one report line
 # per layer to the report file, then runs the program as __main__. It imports only what the set-up
 # needs: a module imported here is already loaded, unaudited, when the program starts.
 _CHILD = r"""
-import json, os, sys
-config = json.loads(sys.argv[1])
+import marshal, os, sys
+
+config = marshal.loads(bytes.fromhex(sys.argv[1]))
 report_fd = config["report_fd"]
 report_lines = [0]
 
@@ -395,11 +402,15 @@ import resource
 
 for name, value in config["limits"].items():
     soft, hard = value if isinstance(value, list) else (value, value)
-    _, current_hard = resource.getrlimit(getattr(resource, name))
-    if current_hard != resource.RLIM_INFINITY:
-        hard = min(hard, current_hard)
-        soft = min(soft, hard)
-    resource.setrlimit(getattr(resource, name), (soft, hard))
+    try:
+        limit = getattr(resource, name)
+        _, current_hard = resource.getrlimit(limit)
+        if current_hard != resource.RLIM_INFINITY:
+            hard = min(hard, current_hard)
+            soft = min(soft, hard)
+        resource.setrlimit(limit, (soft, hard))
+    except (AttributeError, ValueError, OSError) as error:  # e.g. RLIMIT_AS on macOS
+        report(f"unavailable {name}: {error}")
 report("layer rlimits")
 import _signal
 
@@ -514,12 +525,9 @@ del install_guard, enter_namespaces, readonly_except
 
 
 def run_program(path, memory_exit):
-    import traceback
-    import types
-
     with open(path, encoding="utf-8") as file:
         source = file.read()
-    main = types.ModuleType("__main__")
+    main = type(sys)("__main__")
     main.__file__ = os.path.abspath(path)
     main.__builtins__ = __builtins__
     sys.modules["__main__"] = main
@@ -533,6 +541,8 @@ def run_program(path, memory_exit):
     except SystemExit:
         raise
     except BaseException as error:
+        import traceback
+
         # The traceback shows the program's frames, not the sandbox's.
         summary = traceback.TracebackException.from_exception(error)
         summary.stack = traceback.StackSummary.from_list(
