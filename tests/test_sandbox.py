@@ -275,3 +275,17 @@ def test_a_timeout_kills_the_whole_process_group():
 def test_rlimit_nproc_stops_a_fork_without_the_guard():
     result = execute(FORKING, timeout_s=5.0, guard=False)
     assert result.status == "failed" and "BlockingIOError" in result.stderr, result
+
+
+def test_its_files_together_are_capped_where_the_directory_is_a_tmpfs(layers):
+    if not any(layer.startswith("tmpfs-directory") for layer in layers):
+        pytest.skip(f"no mount namespace on this machine: {layers}")
+    program = "for i in range(100):\n    open(str(i), 'wb').write(bytes(2**20))\n"
+    result = execute(program, max_disk_mb=8, max_file_mb=4)
+    assert result.status == "failed" and "No space left on device" in result.stderr, result
+
+
+def test_the_guard_refuses_raising_its_limits():
+    program = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n"
+    result = execute(program, network_namespace="off")
+    assert result.status == "failed" and result.refused[0].startswith("resource.setrlimit")

@@ -14,11 +14,13 @@ in a fresh Python process and says whether it passed:
 - namespaces, where the kernel allows them (``unshare``; a new user namespace too where that is
   allowed): a new network namespace, which has no interface but a loopback that is down, so no
   address, not even 127.0.0.1, can be reached; and a new mount namespace in which every mount is
-  read-only except the temporary directory (the machine's own mounts are untouched);
+  read-only and the temporary directory is a tmpfs of ``max_disk_mb`` holding a copy of the
+  program (the machine's own mounts are untouched);
 - a guard inside the interpreter: an audit hook (PEP 578; it cannot be removed once added) that
   refuses, with a ``PermissionError``, network use (sockets other than ``AF_UNIX``, connect,
   bind, send-to, name lookups), new processes (``subprocess``, ``os.system``, ``exec*``,
   ``fork``, ``posix_spawn``, signals to other processes), ``ctypes`` and foreign libraries,
+  raising its own resource limits, ``gc`` introspection (a way to reach the guard's state),
   writing, creating, renaming, removing or changing any file outside the directory, opening a
   directory outside it, and changing the working directory out of it.
 
@@ -86,9 +88,9 @@ class ExecutionResult:
     """Why the status is not ``passed``, in words (e.g. ``wall-clock timeout after 10 s``)."""
     layers: tuple[str, ...] = ()
     """The isolation layers that were active: ``user-namespace``, ``network-namespace``,
-    ``read-only-filesystem`` (a mount namespace), ``rlimits``, ``no-new-processes``
-    (RLIMIT_NPROC, binding only for users other than root), ``audit-guard``; and
-    ``unavailable: <layer>: <why>`` for a layer that was tried but could not be set up."""
+    ``read-only-filesystem`` (a mount namespace), ``tmpfs-directory (64 MiB)``, ``rlimits``,
+    ``no-new-processes`` (RLIMIT_NPROC, binding only for users other than root), ``audit-guard``;
+    and ``unavailable: <layer>: <why>`` for a layer that was tried but could not be set up."""
     refused: tuple[str, ...] = ()
     """The operations the guard refused (at most 50), e.g. ``socket.connect ('127.0.0.1', 80)``;
     a program that catches the ``PermissionError`` still shows up here."""
@@ -107,6 +109,7 @@ def execute(
     guard: bool = True,
     max_output_bytes: int = 64 * 1024,
     max_file_mb: int = 16,
+    max_disk_mb: int = 64,
     python: str | None = None,
 ) -> ExecutionResult:
     """Run ``program`` (Python source) in the sandbox described in this module's docstring.
@@ -116,7 +119,8 @@ def execute(
     where the kernel allows it, ``require`` reports an ``error`` where it cannot enter a network
     namespace, ``off`` never tries. ``guard=False``
     leaves out the audit hook (for testing the other layers alone). ``max_file_mb`` caps every
-    file the program writes, its captured output included. ``python`` is the interpreter
+    file the program writes, its captured output included; ``max_disk_mb`` caps all its files
+    together where the directory is a tmpfs (with the mount namespace). ``python`` is the interpreter
     (default: this one).
     """
     if os.name != "posix":
@@ -141,6 +145,7 @@ def execute(
             guard=guard,
             max_output_bytes=max_output_bytes,
             max_file_bytes=max_file_mb * 1024 * 1024,
+            max_disk_mb=max_disk_mb,
             python=python or sys.executable,
         )
     finally:
@@ -168,6 +173,7 @@ def _run_child(
     guard: bool,
     max_output_bytes: int,
     max_file_bytes: int,
+    max_disk_mb: int,
     python: str,
 ) -> ExecutionResult:
     # Output goes to unlinked files rather than pipes: RLIMIT_FSIZE then caps a program that
@@ -182,6 +188,7 @@ def _run_child(
             "workdir": workdir,
             "program": PROGRAM_FILE,
             "report_fd": report.fileno(),
+            "disk_bytes": max_disk_mb * 1024 * 1024,
             "network_namespace": network_namespace,
             "guard": guard,
             "limits": {
@@ -344,27 +351,41 @@ def enter_namespaces(workdir):
     # A user namespace as well, where allowed: even root then holds no capability outside it.
     attempts = ((user | network | mount, ("user-namespace", "network-namespace")),
                 (network | mount, ("network-namespace",)), (network, ("network-namespace",)))
-    errors = []
+    errors, uid, gid = [], os.geteuid(), os.getegid()
     for flags, layers in attempts:
         if libc.unshare(flags) == 0:
             break
         errors.append(os.strerror(ctypes.get_errno()))
     else:
         raise OSError("unshare: " + ", ".join(dict.fromkeys(errors)))
+    if flags & user:
+        # Stay the same user inside (unmapped, it would be nobody and could not create files in
+        # a tmpfs of this namespace). Setgroups must be denied before an unprivileged gid map.
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):
+            try:
+                descriptor = os.open(f"/proc/self/{name}", os.O_WRONLY)
+                try:
+                    os.write(descriptor, text.encode())
+                finally:
+                    os.close(descriptor)
+            except OSError as error:
+                report(f"unavailable {name}: {error}")
     if not flags & mount:
         report("unavailable read-only-filesystem: no mount namespace")
         return layers
     try:
-        readonly_except(libc, ctypes, workdir)
+        return layers + mount_filesystem(libc, ctypes, workdir, config["disk_bytes"])
     except OSError as error:
         report(f"unavailable read-only-filesystem: {error}")
         return layers
-    return layers + ("read-only-filesystem",)
 
 
-def readonly_except(libc, ctypes, workdir):
-    # Every mount read-only (in this mount namespace only) except the sandbox directory.
-    ms_rec, ms_private, ms_bind = 0x4000, 1 << 18, 0x1000
+def mount_filesystem(libc, ctypes, workdir, disk_bytes):
+    # In this mount namespace only: the sandbox directory becomes a small tmpfs (a bind mount of
+    # itself where tmpfs is refused) holding a copy of the program, and every other mount is made
+    # read-only. The machine's mounts are untouched.
+    ms_nosuid, ms_nodev, ms_noexec, ms_bind, ms_rec, ms_private = 2, 4, 8, 0x1000, 0x4000, 1 << 18
     mount_setattr, at_fdcwd, at_recursive, mount_attr_rdonly = 442, -100, 0x8000, 1
 
     class MountAttr(ctypes.Structure):
@@ -377,13 +398,28 @@ def readonly_except(libc, ctypes, workdir):
 
     path = workdir.encode()
     check(libc.mount(None, b"/", None, ms_rec | ms_private, None), "mount --make-rprivate /")
-    check(libc.mount(path, path, None, ms_bind | ms_rec, None), "mount --bind")
+    program = os.path.join(workdir, config["program"])
+    with open(program, "rb") as file:
+        source = file.read()
+    options = f"size={disk_bytes},mode=0700".encode()
+    layers = ()
+    if libc.mount(b"tmpfs", path, b"tmpfs", ms_nosuid | ms_nodev | ms_noexec, options) == 0:
+        try:
+            with open(program, "wb") as file:
+                file.write(source)
+            layers = (f"tmpfs-directory ({disk_bytes // 2**20} MiB)",)
+        except OSError as error:
+            report(f"unavailable tmpfs-directory: {error}")
+            check(libc.umount2(path, 2), "umount")  # MNT_DETACH
+    if not layers:
+        check(libc.mount(path, path, None, ms_bind | ms_rec, None), "mount --bind")
     for target, flags, attributes in ((b"/", at_recursive, MountAttr(mount_attr_rdonly, 0, 0, 0)),
                                       (path, 0, MountAttr(0, mount_attr_rdonly, 0, 0))):
         check(libc.syscall(mount_setattr, at_fdcwd, target, flags, ctypes.byref(attributes),
                            ctypes.sizeof(attributes)), "mount_setattr")
-    # The working directory was entered before the bind mount: enter it again, through the mount.
+    # The working directory was entered before the mount: enter it again, through the mount.
     os.chdir(workdir)
+    return ("read-only-filesystem",) + layers
 
 
 if config["network_namespace"] != "off":
@@ -437,6 +473,8 @@ def install_guard(workdir):
         "os.startfile", "subprocess.Popen", "socket.connect", "socket.bind", "socket.sendto",
         "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
         "socket.gethostbyaddr", "socket.getnameinfo", "sqlite3.enable_load_extension",
+        "resource.setrlimit", "resource.prlimit", "gc.get_objects", "gc.get_referrers",
+        "gc.get_referents",
     }
     refused_imports = {"_posixsubprocess", "_ctypes", "_xxsubinterpreters"}
 
@@ -472,7 +510,7 @@ def install_guard(workdir):
 
     def hook(event, args):
         if event in refused_names:
-            refuse(event, args, "no network and no new processes in the sandbox")
+            refuse(event, args, "not in the sandbox (no network, no new processes, fixed limits)")
         elif event == "open":
             path, _, flags = args
             if isinstance(path, int):
@@ -521,7 +559,7 @@ def install_guard(workdir):
 if config["guard"]:
     install_guard(os.path.realpath(config["workdir"]))
     report("layer audit-guard")
-del install_guard, enter_namespaces, readonly_except
+del install_guard, enter_namespaces, mount_filesystem
 
 
 def run_program(path, memory_exit):
