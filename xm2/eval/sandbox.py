@@ -293,12 +293,14 @@ def _read_output(file, limit: int) -> str:
 
 def _read_report(file) -> tuple[tuple[str, ...], tuple[str, ...]]:
     file.seek(0)
-    layers, refused = [], []
+    layers, refused, started = [], [], False
     for line in file.read(256 * 1024).decode("utf-8", errors="replace").splitlines():
         kind, _, detail = line.partition(" ")
-        if kind == "layer":
+        # Layers are reported before the program starts; later lines could come from it.
+        started = started or kind == "start"
+        if kind == "layer" and not started:
             layers.append(detail)
-        elif kind == "unavailable":
+        elif kind == "unavailable" and not started:
             layers.append(f"unavailable: {detail}")
         elif kind == "refused" and len(refused) < _MAX_REPORT_LINES:
             refused.append(detail)
@@ -590,5 +592,6 @@ def run_program(path, memory_exit):
         sys.exit(1)
 
 
+report("start")
 run_program(config["program"], config["memory_exit"])
 """
