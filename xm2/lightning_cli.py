@@ -121,6 +121,11 @@ class Xm2CLI(LightningCLI):
                       else load_checkpoint_file(path, mmap=True))
         mode = "branch" if branch_from else "resume" if subcommand == "fit" else "evaluate"
         record = (checkpoint.get("xm2") or {}).get("record") or {}
+        imported = record.get("imported_from")  # `xm2 import-hf`: weights, no training state
+        if imported and mode == "resume":
+            raise CheckpointError(f"checkpoint {path} was imported from {imported} and has no "
+                                  "training state to resume; start a decay branch from it with "
+                                  f"--branch_from {path} --branch_decay_steps N")
         if mode == "branch":
             plan = resume.plan_branch(checkpoint, path, config.get("branch_decay_steps"),
                                       config.get("branch_decay_tokens"))
@@ -130,12 +135,18 @@ class Xm2CLI(LightningCLI):
             _start_branch_run(config.trainer.logger, record, plan)
             print(f"Branching from step {plan.source_step} of {path}: decay for {plan.decay_steps} "
                   f"steps to step {plan.max_steps}", file=sys.stderr)
+            if imported:
+                print(f"{path} is imported and has no optimizer state: AdamW starts fresh (zero "
+                      "moments) at the branch's learning rate", file=sys.stderr)
         _check_tokenizer(config.data, record, path)
+        # An imported model's optimizer, schedule and data were never xm2 settings: only its
+        # architecture binds what runs from it.
         comparison = resume.compare(resume.checkpoint_settings(checkpoint),
-                                    self._current_settings(subcommand), mode)
+                                    self._current_settings(subcommand),
+                                    "evaluate" if imported else mode)
         if comparison.refused:
             raise CheckpointError(resume.refusal_message(path, mode, comparison.refused))
-        for line in comparison.announce():
+        for line in [] if imported else comparison.announce():
             print(f"Applied: {line}", file=sys.stderr)
         if mode == "resume":
             self.resumed_run_id = _continue_run(config.trainer.logger, record)

@@ -591,6 +591,10 @@ def import_hf(
             # No training state: a branch from here starts AdamW and its schedule fresh.
             "optimizer_states": [], "lr_schedulers": [],
             "hyper_parameters": {"architecture": config.to_dict()},
+            # What the data must agree on; the rest of the data settings are the branch's own.
+            "datamodule_hyper_parameters": {"vocab_size": config.vocab_size,
+                                            "seq_len": config.max_seq_len,
+                                            "tokenizer_path": str(final_tokenizer)},
             "MixtureDataModule": {"tokenizer_sha256": record["tokenizer_sha256"]},
             "mup": config.mup_settings(),
             "xm2": {"record": record, "imported": {"source_config": hf,
