@@ -117,11 +117,10 @@ def execute(
     ``timeout_s`` is wall-clock time, start-up included; ``memory_mb`` caps the address space.
     ``network_namespace``: ``auto`` enters the namespaces (network; user and mount where possible)
     where the kernel allows it, ``require`` reports an ``error`` where it cannot enter a network
-    namespace, ``off`` never tries. ``guard=False``
-    leaves out the audit hook (for testing the other layers alone). ``max_file_mb`` caps every
-    file the program writes, its captured output included; ``max_disk_mb`` caps all its files
-    together where the directory is a tmpfs (with the mount namespace). ``python`` is the interpreter
-    (default: this one).
+    namespace, ``off`` never tries. ``guard=False`` leaves out the audit hook (for testing the
+    other layers alone). ``max_file_mb`` caps every file the program writes, its captured output
+    included; ``max_disk_mb`` caps all its files together where the directory is a tmpfs (with
+    the mount namespace). ``python`` is the interpreter (default: this one).
     """
     if os.name != "posix":
         raise NotImplementedError(
