@@ -10,8 +10,8 @@ from tests.conftest import ROOT
 from tests.test_cli import smoke_args, xm2
 
 # Notebooks that need a study or the analysis callbacks are executed by their own tests
-# (tests/test_decay_study.py, tests/test_analysis_e2e.py).
-EXECUTED_ELSEWHERE = {"decay_study.ipynb", "analysis.ipynb"}
+# (tests/test_decay_study.py, tests/test_analysis_e2e.py, tests/test_evaluate.py).
+EXECUTED_ELSEWHERE = {"decay_study.ipynb", "analysis.ipynb", "evaluation.ipynb"}
 NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if p.name not in EXECUTED_ELSEWHERE)
 
 

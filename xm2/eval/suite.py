@@ -114,9 +114,18 @@ def run_multiple_choice(task: Task, items: list, loaded, batch_size: int) -> Tas
         for request in multiple_choice_requests(task.name, item):
             requests.append(request)
             owners.append(index)
-    encoded = [encode_request(tokenizer, r, context, EOS_ID) for r in requests]
-    truncated_items = {owners[i] for i, r in enumerate(requests)
-                       if 1 + len(tokenizer.encode(r.context)) + encoded[i][1] > context + 1}
+    encoded, truncated_items = [], set()
+    for request, owner in zip(requests, owners, strict=True):
+        context_ids = tokenizer.encode(request.context)
+        option_ids = tokenizer.encode(request.continuation)
+        if 1 + len(context_ids) + len(option_ids) > context + 1:
+            truncated_items.add(owner)
+        if len(option_ids) > context:
+            # An option longer than the whole context (rare: one HellaSwag ending in 500 on nano)
+            # is scored on its first tokens alone.
+            encoded.append(([EOS_ID, *option_ids[:context]], context))
+        else:
+            encoded.append(encode_request(tokenizer, request, context, EOS_ID))
     log_likelihoods = score_requests(loaded.model, encoded, batch_size)
     lengths = np.array([max(1, len(r.continuation.strip().encode("utf-8"))) for r in requests])
     owners_array = np.array(owners)
@@ -184,17 +193,17 @@ def run_code(task: Task, records: list[dict], loaded, batch_size: int,
 
     completions, truncated, most_new = _generate(task, _prompts(task, records), loaded,
                                                  batch_size, max_new_tokens)
-    results = []
+    programs = []
     for record, completion in zip(records, completions, strict=True):
         if task.name == "humaneval":
-            program = code.humaneval_program(record["prompt"], completion, record["test"],
-                                             record["entry_point"])
+            programs.append(code.humaneval_program(record["prompt"], completion, record["test"],
+                                                   record["entry_point"]))
         else:
-            program = code.mbpp_program(completion, record["test_list"],
-                                        record.get("test_setup_code", ""))
-        results.append(sandbox.execute(program, timeout_s=timeout_s))
+            programs.append(code.mbpp_program(completion, record["test_list"],
+                                              record.get("test_setup_code", "")))
+    results = sandbox.execute_many(programs, timeout_s=timeout_s)
     statuses = [r.status for r in results]
-    metrics = {"pass@1": float(code.pass_at_1(results)),
+    metrics = {"pass_at_1": float(code.pass_at_1(results)),
                "timeout_rate": statuses.count("timeout") / len(statuses)}
     return TaskResult(task.name, "ran", metrics=metrics, items=len(records), truncated=truncated,
                       chance=0.0, new_tokens=most_new)
@@ -362,6 +371,9 @@ def expand_checkpoints(checkpoint: list[str] | str) -> list[Path]:
 
 
 def _metrics_of(result: TaskResult) -> dict[str, float]:
+    """A task's MLflow metrics; none for a skipped task (its reason is a tag)."""
+    if result.status != "ran":
+        return {}
     key = f"eval/{result.task}"
     metrics = {f"{key}/{name}": value for name, value in result.metrics.items()}
     if result.score is not None:
@@ -384,6 +396,7 @@ def evaluate(
     code_timeout_s: float = 10.0,
     seed: int = 0,
     tokenizer_path: str | None = None,
+    threads: int | None = None,
     tracking_uri: str = "sqlite:///mlflow.db",
     experiment_name: str = "xm2",
     output: str | None = None,
@@ -410,6 +423,8 @@ def evaluate(
         code_timeout_s: Seconds each HumanEval/MBPP program may run.
         seed: Seed of the --limit subsets.
         tokenizer_path: The tokenizer, if not where the checkpoint's record says.
+        threads: torch CPU threads (default: torch's choice); 1 is fastest on a CPU that other
+            jobs share (benchmarks/cpu_threads.py).
         tracking_uri: MLflow store.
         experiment_name: MLflow experiment of the evaluation runs.
         output: Also write results.{md,csv,json} to this folder.
@@ -423,6 +438,12 @@ def evaluate(
         raise ValueError(f"limit={limit} must be >= 1 (or null for whole sets)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(threads)
     paths = expand_checkpoints(checkpoint)
     data_path = Path(data_dir)
     skipped = {task.name: missing_reason(task, data_path, allow_code_execution) for task in tasks}
@@ -436,6 +457,7 @@ def evaluate(
         params={"suite": suite_label, "tasks": [t.name for t in tasks], "data_dir": data_dir,
                 "limit": limit, "seed": seed, "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "allow_code_execution": allow_code_execution,
+                "threads": threads,
                 "checkpoints": [str(p) for p in paths]})
     with parent:
         for path in paths:
@@ -508,7 +530,8 @@ def read_results(tracking_uri: str = "sqlite:///mlflow.db", experiment_name: str
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             raise LookupError(f"no experiment {experiment_name!r} in {tracking_uri}")
-        runs = client.search_runs([experiment.experiment_id], "tags.`xm2.evaluate` = 'suite'",
+        runs = client.search_runs([experiment.experiment_id],
+                                  "tags.`xm2.evaluate` = 'suite' and attributes.status = 'FINISHED'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
             raise LookupError(f"no `xm2 evaluate` run in experiment {experiment_name!r}")

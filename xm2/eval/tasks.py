@@ -337,9 +337,9 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          stop=("Problem:",), max_new_tokens=512),
     Task("bbh", "BBH", "reasoning", "unavailable", 3, "exact_match", unavailable_reason=BBH_REASON),
     Task("mmlu", "MMLU", "reasoning", "multiple_choice", 0, "acc"),
-    Task("humaneval", "HumanEval", "reasoning", "code", 0, "pass@1",
+    Task("humaneval", "HumanEval", "reasoning", "code", 0, "pass_at_1",
          stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"), max_new_tokens=512),
-    Task("mbpp", "MBPP", "reasoning", "code", 3, "pass@1", stop=("[DONE]",), max_new_tokens=512),
+    Task("mbpp", "MBPP", "reasoning", "code", 3, "pass_at_1", stop=("[DONE]",), max_new_tokens=512),
 ]}
 
 SUITES = {
