@@ -10,7 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from tests.conftest import CORPUS
 from tests.test_cli import xm2
@@ -95,14 +101,18 @@ def corpus_samples(limit: int = 40) -> list[str]:
                     "<s> literal </s> <unk>", " " * 40 + "deep = 1"]
 
 
-def test_exported_tokenizer_encodes_xm2_ids(exported, tokenizer_path):
+def test_exported_tokenizer_encodes_xm2_ids_and_the_fast_one_decodes_them(exported,
+                                                                          tokenizer_path):
     processor = load_tokenizer(tokenizer_path)
     hf_tokenizer = AutoTokenizer.from_pretrained(exported["llama"])
+    fast = PreTrainedTokenizerFast.from_pretrained(exported["llama"])
     for text in corpus_samples():
         expected = processor.encode(text)
         assert hf_tokenizer(text)["input_ids"] == expected, text[:80]
         assert hf_tokenizer.encode(text, add_special_tokens=False) == expected
-    assert hf_tokenizer.eos_token_id == 2 and hf_tokenizer.bos_token_id == 1
+        assert fast.decode(expected) == processor.decode(expected), text[:80]
+    assert hf_tokenizer.eos_token_id == fast.eos_token_id == 2
+    assert hf_tokenizer.bos_token_id == fast.bos_token_id == 1
 
 
 # --- import -------------------------------------------------------------------------------

@@ -145,26 +145,38 @@ def hf_config(config: ModelConfig, target: Literal["llama", "granite"],
 
 
 def export_tokenizer(tokenizer_path: str | Path, output: str | Path) -> None:
-    """Write the SentencePiece model as a transformers tokenizer that encodes xm2's ids.
+    """Write the SentencePiece model as transformers tokenizers: exact ids, and a fast decoder.
 
-    transformers' ``SentencePieceBackend`` encodes with the SentencePiece library itself, so the
-    ids are xm2's by construction (a conversion to a ``tokenizers`` Unigram breaks ties between
-    equal-scoring segmentations differently, e.g. in runs of spaces). Special-token strings in
-    text are encoded as text, as SentencePiece does, and no BOS/EOS is added: xm2 trains with an
-    EOS between documents and nothing else.
+    ``AutoTokenizer`` loads transformers' ``SentencePieceBackend`` (tokenizer_config.json), which
+    encodes with the SentencePiece library itself: xm2's ids by construction. Special-token
+    strings in text are encoded as text, as SentencePiece does, and no BOS/EOS is added (xm2
+    trains with an EOS between documents and nothing else). Its ``decode`` works piece by piece
+    and shows byte-fallback pieces as ``<0x0A>``; ``PreTrainedTokenizerFast.from_pretrained``
+    loads tokenizer.json instead, a ``tokenizers`` Unigram that decodes exactly but breaks ties
+    between equal-scoring segmentations (runs of ``=`` or spaces) otherwise than SentencePiece's
+    float32 Viterbi does, so its ids can differ there.
     """
     import sentencepiece as spm
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     processor = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    special = {"unk_token": processor.id_to_piece(processor.unk_id()),
+               "bos_token": processor.id_to_piece(processor.bos_id()),
+               "eos_token": processor.id_to_piece(processor.eos_id()),
+               "split_special_tokens": True}
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(tokenizer_path).read_bytes())
+    # SentencePiece never matches unknown, control, byte or unused pieces in text: the Unigram
+    # model must not either (byte fallback still finds the byte pieces by name).
+    vocab = [(piece.piece, piece.score if piece.type in (1, 4) else -1e9) for piece in proto.pieces]
+    TokenizersBackend(tokenizer_object=SpmConverter.build_tokenizer_from_spm_proto(proto, vocab),
+                      **special).save_pretrained(str(output))
     output = Path(output)
     shutil.copyfile(tokenizer_path, output / "tokenizer.model")
-    tokenizer = SentencePieceBackend(
-        vocab_file=str(output / "tokenizer.model"), legacy=True, split_special_tokens=True,
-        unk_token=processor.id_to_piece(processor.unk_id()),
-        bos_token=processor.id_to_piece(processor.bos_id()),
-        eos_token=processor.id_to_piece(processor.eos_id()))
-    tokenizer.save_pretrained(str(output))
+    SentencePieceBackend(vocab_file=str(output / "tokenizer.model"), legacy=True,
+                         **special).save_pretrained(str(output))
 
 
 def compare_logits(xm2_model: torch.nn.Module, hf_folder: str | Path, seq_len: int = 64,
