@@ -9,7 +9,8 @@ cross-entropy, gradient clipping at 1.0 and AdamW over the µP parameter groups,
 (the data pipeline is measured on CPU by benchmarks/perf_suite.py). Rows:
 
 - ``xm2`` eager, ``xm2 compiled`` (each decoder block ``torch.compile``d, as
-  ``model.parallel.compile: true`` does), and ``hf llama``: transformers' LlamaForCausalLM of the
+  ``model.parallel.compile: true`` does), ``xm2 compiled model`` (the whole model and its loss
+  compiled as one graph), and ``hf llama``: transformers' LlamaForCausalLM of the
   same shape (SDPA attention, tied embeddings), same dtype policy and optimizer;
 - tokens/s (median over the timed steps), MFU against the dense bf16 datasheet peak of the card
   and against a measured 8192³ bf16 matmul, peak memory against xm2's own estimate
@@ -85,7 +86,7 @@ def hf_llama(config: ModelConfig) -> torch.nn.Module:
 
 
 def run_case(preset: str, batch: int, kind: str, device: torch.device, steps: int,
-             warmup: int) -> dict:
+             warmup: int, profile_path: Path | None = None) -> dict:
     config = PRESETS[preset]
     seq = config.max_seq_len
     begin = time.perf_counter()
@@ -106,6 +107,8 @@ def run_case(preset: str, batch: int, kind: str, device: torch.device, steps: in
 
         def logits_of(tokens):
             return model(tokens)
+        if kind == "xm2 compiled model":
+            logits_of = torch.compile(logits_of)
     optimizer = torch.optim.AdamW(groups, lr=0.01, betas=(0.9, 0.95), eps=1e-8, fused=True)
     data = torch.randint(0, config.vocab_size, (warmup + steps, batch, seq + 1), device=device)
 
@@ -132,6 +135,16 @@ def run_case(preset: str, batch: int, kind: str, device: torch.device, steps: in
         loss = step(data[i])
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+    profile = None
+    if profile_path is not None:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(data[-1])
+            torch.cuda.synchronize()
+        profile = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+        profile_path.write_text(profile)
     step_s = statistics.median(times)
     tokens = batch * seq
     expected = estimate(config, batch, seq, "bf16-mixed", 1, "single")
@@ -142,7 +155,7 @@ def run_case(preset: str, batch: int, kind: str, device: torch.device, steps: in
         "model_flops_per_s": flops_per_token(config, seq) * tokens / step_s,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         "estimated_memory_gib": expected.total / 2**30,
-        "first_step_s": first_step_s, "final_loss": float(loss),
+        "first_step_s": first_step_s, "final_loss": float(loss.detach()),
         "finite": bool(math.isfinite(float(loss))),
     }
 
@@ -154,7 +167,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget_s", type=float, default=420.0)
     parser.add_argument("--kinds", default="xm2,hf llama,xm2 compiled")
+    parser.add_argument("--cases", default=",".join(f"{p}:{b}" for p, b in CASES),
+                        help="preset:micro-batch pairs")
+    parser.add_argument("--profile", default=None,
+                        help="preset:batch:kind to profile one step of (a table beside --out)")
     args = parser.parse_args()
+    cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(device)
@@ -167,13 +185,15 @@ def main() -> None:
     print(f"{name}, torch {torch.__version__}: bf16 matmul "
           f"{report['measured_bf16_matmul_flops'] / 1e12:.0f} TFLOP/s measured, datasheet "
           f"{(report['datasheet_bf16_flops'] or float('nan')) / 1e12:.0f}", flush=True)
-    for preset, batch in CASES:
+    for preset, batch in cases:
         for kind in args.kinds.split(","):
             if time.perf_counter() - started > args.budget_s:
                 print(f"skipped {preset} {kind}: budget spent", flush=True)
                 continue
             try:
-                row = run_case(preset, batch, kind, device, args.steps, args.warmup)
+                profiled = args.profile == f"{preset}:{batch}:{kind}"
+                row = run_case(preset, batch, kind, device, args.steps, args.warmup,
+                               out.with_name(f"profile-{preset}-{batch}.txt") if profiled else None)
             except Exception as error:  # one failing case must not cost the others
                 row = {"preset": preset, "kind": kind, "error": f"{type(error).__name__}: {error}"[:500]}
             peak = report["datasheet_bf16_flops"]
