@@ -176,6 +176,9 @@ def test_code_tasks_run_in_the_sandbox_only_with_opt_in(tracked_checkpoint, tmp_
     from xm2.eval import suite
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(FileNotFoundError, match="checkpoint .*none.ckpt does not exist"):
+        suite.evaluate(str(tmp_path / "none.ckpt"), tracking_uri=uri)
+    assert not (tmp_path / "mlflow.db").exists()      # refused before any run was opened
     skipped = suite.evaluate(str(tracked_checkpoint), ["humaneval"], limit=2,
                              tracking_uri=uri)
     (result,) = skipped["checkpoints"][0]["tasks"].values()

@@ -445,6 +445,10 @@ def evaluate(
 
         torch.set_num_threads(threads)
     paths = expand_checkpoints(checkpoint)
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist (give .ckpt files or a folder "
+                                    "of them; a sharded folder needs `xm2 consolidate-checkpoint`)")
     data_path = Path(data_dir)
     skipped = {task.name: missing_reason(task, data_path, allow_code_execution) for task in tasks}
     data = {task.name: load_task_data(task, data_path, limit, seed)
