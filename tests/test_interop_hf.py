@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -248,6 +250,26 @@ def test_plain_llama_imports_as_standard_parametrization(tmp_path, tokenizer_pat
     ids = tokens(3)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(ids), llama(input_ids=ids).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_granite_imports_with_its_multipliers_folded_where_xm2_has_none(tmp_path, tokenizer_path):
+    """A Granite model (not an xm2 export): an attention multiplier other than 1/√head_dim and a
+    logits scale whose base width is not an integer both go into the weights."""
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=512, hidden_size=64, intermediate_size=160,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=32, tie_word_embeddings=True,
+                           embedding_multiplier=12.0, residual_multiplier=0.22,
+                           attention_multiplier=0.05, logits_scaling=3.0)
+    granite = GraniteForCausalLM(config).eval()
+    granite.save_pretrained(tmp_path / "granite")
+    (tmp_path / "granite" / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+    loaded = load_checkpoint_model(import_hf(str(tmp_path / "granite"), str(tmp_path / "xm2")))
+    assert loaded.config.scale_emb == 12.0 and loaded.config.residual_scale == pytest.approx(0.22)
+    ids = tokens(4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids), granite(input_ids=ids).logits,
                                    atol=1e-4, rtol=1e-4)
 
 

@@ -499,12 +499,10 @@ def xm2_config(hf: dict, math_: SourceMath, path: Path) -> ModelConfig:
         if math.isclose(eps, target["norm_eps"], rel_tol=1e-6):
             eps = target["norm_eps"]
     else:
-        base = math_.dim_model_base
-        if math_.use_mup and base is None:
-            base = hidden / math_.logits_divisor
-            # A base width that is not an integer keeps µP with m = 1; the logits' divisor then
-            # goes into the final norm gain (xm2_weights).
-            base = round(base) if abs(base - round(base)) < 1e-9 and round(base) > 0 else hidden
+        base = math_.dim_model_base or hidden / math_.logits_divisor
+        # A base width that is not an integer keeps µP with m = 1; the logits' divisor then goes
+        # into the final norm gain (xm2_weights), as any difference between the two does.
+        base = round(base) if abs(base - round(base)) < 1e-9 and round(base) > 0 else hidden
         mup = {"use_mup": math_.use_mup,
                "dim_model_base": int(base) if math_.use_mup else hidden,
                "scale_emb": math_.scale_emb,
@@ -623,7 +621,8 @@ def import_hf(
         raise
     _publish(staging, output_dir)
     parameters = sum(t.numel() for t in weights.values())
-    print(f"{output_dir / 'model.ckpt'}: {math_.naming} layout, {parameters:,} parameters, "
+    layout = math_.naming + (" (an xm2 export: its µP settings restored)" if math_.target else "")
+    print(f"{output_dir / 'model.ckpt'}: {layout} layout, {parameters:,} parameters, "
           f"use_mup {config.use_mup}, scale_emb {config.scale_emb:g}, residual "
           f"{config.residual_scale:.6g}, m {config.width_multiplier:g}; "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
