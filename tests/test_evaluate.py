@@ -232,6 +232,10 @@ def test_evaluate_command_logs_the_table_and_every_score(tracked_checkpoint, tmp
     row = report["checkpoints"][0]
     assert row["global_step"] == 12 and row["tasks"]["sciq"]["status"] == "skipped"
     assert row["averages"]["commonsense"]["tasks_ran"] == 3
+    from xm2.eval.suite import markdown_table, rows_from_report
+
+    # The table prints again from the JSON, chance row and notes included.
+    assert markdown_table(rows_from_report(report)) in printed and "| *chance* | *" in printed
     assert (tmp_path / "out" / "results.csv").read_text().splitlines()[0].startswith(
         "checkpoint,global_step,run_id,arc_easy,boolq,sciq,winogrande,average_commonsense")
 

@@ -284,6 +284,16 @@ def _cell(row: CheckpointResults, column: str) -> str:
     return "skipped" if result.score is None else f"{result.score:.2f}"
 
 
+def _chance_cell(row: CheckpointResults, column: str) -> str:
+    """The score of guessing, where the task ran: 1 / options, 0 for generated answers."""
+    ran = [r for r in row.results if r.status == "ran" and r.chance is not None]
+    if column.startswith("avg:"):
+        mine = [SCORE_SCALE * r.chance for r in ran if TASKS[r.task].group == column[4:]]
+        return f"*{np.mean(mine):.2f}*" if mine else ""
+    found = [r for r in ran if r.task == column]
+    return f"*{SCORE_SCALE * found[0].chance:.2f}*" if found else ""
+
+
 def _title(column: str) -> str:
     return GROUP_TITLES[column[4:]] if column.startswith("avg:") else TASKS[column].title
 
@@ -300,6 +310,8 @@ def markdown_table(rows: list[CheckpointResults]) -> str:
              "|---|" + "---:|" * len(columns)]
     lines += [f"| {_label(row)} | " + " | ".join(_cell(row, c) for c in columns) + " |"
               for row in rows]
+    if rows:
+        lines.append("| *chance* | " + " | ".join(_chance_cell(rows[0], c) for c in columns) + " |")
     notes = ["", "Scores in %. " + "; ".join(
         f"{TASKS[c].title}: {TASKS[c].shots}-shot {TASKS[c].metric}" for c in columns
         if not c.startswith("avg:"))
@@ -522,6 +534,15 @@ def evaluate(
     print("Time per task: " + timing_lines(rows))
     print(f"MLflow: run {parent.run_id} in experiment {experiment_name!r} ({tracking_uri})")
     return {"run_id": parent.run_id, **report}
+
+
+def rows_from_report(report: dict) -> list[CheckpointResults]:
+    """The checkpoints' results back from a ``results.json`` (e.g. to print its table again)."""
+    fields = set(TaskResult.__dataclass_fields__)
+    return [CheckpointResults(row["checkpoint"], row["global_step"], row["run_id"], row["run_name"],
+                              [TaskResult(**{k: v for k, v in result.items() if k in fields})
+                               for result in row["tasks"].values()])
+            for row in report["checkpoints"]]
 
 
 def read_results(tracking_uri: str = "sqlite:///mlflow.db", experiment_name: str = "xm2",
