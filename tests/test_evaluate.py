@@ -128,9 +128,10 @@ def test_shipped_sets_load_and_code_references_pass_in_the_sandbox():
         assert name in LICENCES
     assert all(item.context for item in read_items(DATA / "boolq.jsonl.gz"))
     assert all(item.question.count("_") >= 1 for item in read_items(DATA / "winogrande.jsonl.gz"))
-    for name in GENERATION_FIELDS:
+    for name in set(GENERATION_FIELDS) - {"bbh"}:
         assert len(load_generation_set(name, DATA)) == (164 if name == "humaneval" else 200)
     assert not (DATA / "sciq.jsonl.gz").exists()      # CC BY-NC: prepared locally, never shipped
+    assert not (DATA / "bbh.jsonl.gz").exists()       # no offline source
     assert sum(p.stat().st_size for p in DATA.glob("*.jsonl.gz")) < 2_000_000
     # The data and the program assembly agree: each reference solution passes its own tests.
     from xm2.eval import code, sandbox
@@ -192,6 +193,23 @@ def test_code_tasks_run_in_the_sandbox_only_with_opt_in(tracked_checkpoint, tmp_
                          allow_code_execution=True)
     (result,) = ran["checkpoints"][0]["tasks"].values()
     assert result["status"] == "ran" and result["metrics"]["pass_at_1"] == 1.0
+
+
+def test_bbh_runs_from_a_copy_of_ones_own(tracked_checkpoint, tmp_path):
+    from xm2.analysis.eval_data import write_records
+    from xm2.eval import suite
+
+    records = [{"input": f"not ( {a} ) is", "target": str(not a), "subject": "boolean_expressions"}
+               for a in (True, False, True, False)]
+    records += [{"input": f"{n} + 1 =", "target": str(n + 1), "subject": "arithmetic"} for n in range(4)]
+    prompt = tasks.bbh_prompt(records[0], tasks.bbh_shots(records, 0, 3))
+    assert prompt.count("Q: not") == 4 and "+ 1" not in prompt and prompt.endswith("Q: not ( True ) is\nA:")
+    assert tasks.bbh_scores(records[0], " False\n") == {"exact_match": 1.0}
+    write_records(records, tmp_path / "bbh.jsonl.gz")
+    report = suite.evaluate(str(tracked_checkpoint), ["bbh"], data_dir=str(tmp_path),
+                            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (result,) = report["checkpoints"][0]["tasks"].values()
+    assert result["status"] == "ran" and result["items"] == 8 and 0 <= result["score"] <= 100
 
 
 @pytest.mark.slow

