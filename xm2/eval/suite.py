@@ -413,6 +413,7 @@ def evaluate(
     code_timeout_s: float = 10.0,
     seed: int = 0,
     tokenizer_path: str | None = None,
+    device: str = "cpu",
     threads: int | None = None,
     tracking_uri: str = "sqlite:///mlflow.db",
     experiment_name: str = "xm2",
@@ -441,6 +442,7 @@ def evaluate(
         code_timeout_s: Seconds each HumanEval/MBPP program may run.
         seed: Seed of the --limit subsets.
         tokenizer_path: The tokenizer, if not where the checkpoint's record says.
+        device: Where the model runs (cpu, cuda, cuda:1, ...).
         threads: torch CPU threads (default: torch's choice); 1 is fastest on a CPU that other
             jobs share (benchmarks/cpu_threads.py).
         tracking_uri: MLflow store.
@@ -479,11 +481,11 @@ def evaluate(
         params={"suite": suite_label, "tasks": [t.name for t in tasks], "data_dir": data_dir,
                 "limit": limit, "seed": seed, "batch_size": batch_size,
                 "max_new_tokens": max_new_tokens, "allow_code_execution": allow_code_execution,
-                "threads": threads,
+                "threads": threads, "device": device,
                 "checkpoints": [str(p) for p in paths]})
     with parent:
         for path in paths:
-            loaded = load_checkpoint_model(path, tokenizer_path=tokenizer_path)
+            loaded = load_checkpoint_model(path, device=device, tokenizer_path=tokenizer_path)
             record = loaded.record
             step = loaded.global_step
             run_name = record.get("run_name", "")
