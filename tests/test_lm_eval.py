@@ -146,6 +146,13 @@ def test_generate_until_stops_at_until_and_is_generate(lm):
     assert len(lm.tok_encode(short)) <= 3 and free.startswith(short.strip()[:3])
 
 
+def test_xm2_is_registered_beside_lm_evals_own_models():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("xm2") is Xm2LM
+    assert get_model("dummy").__name__ == "DummyLM"  # registering xm2 hid these once
+
+
 def test_gen_kwargs_map_to_sampling_settings():
     assert sampling_settings({"until": "\n\n"}) == {"max_new_tokens": 256, "temperature": 0.0,
                                                      "top_p": 1.0, "stop": ["\n\n"]}
