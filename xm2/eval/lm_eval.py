@@ -373,7 +373,11 @@ def evaluate_tasks(model: Xm2LM, tasks: list, num_fewshot: int | None = 0,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """lm-eval's command line (``lm_eval ...``) with the ``xm2`` model registered."""
+    """Run lm-eval's own command line (every option of ``lm_eval``) with the xm2 model registered.
+
+    ``argv``: lm-eval's arguments (default: this process's), e.g. ``["--model", "xm2",
+    "--model_args", "checkpoint=<ckpt>,batch_size=8", "--tasks", "<task>"]``.
+    """
     from lm_eval.__main__ import cli_evaluate
 
     register()
