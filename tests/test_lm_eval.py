@@ -151,6 +151,8 @@ def test_xm2_is_registered_beside_lm_evals_own_models():
 
     assert get_model("xm2") is Xm2LM
     assert get_model("dummy").__name__ == "DummyLM"  # registering xm2 hid these once
+    with pytest.raises(ValueError, match="pretrained: not an xm2 model argument; allowed: checkpoint"):
+        Xm2LM.create_from_arg_string("pretrained=gpt2", {"batch_size": 1})
 
 
 def test_gen_kwargs_map_to_sampling_settings():

@@ -177,6 +177,14 @@ class Xm2LM(TemplateLM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> Xm2LM:
+        import inspect
+
+        allowed = [name for name, parameter in inspect.signature(cls).parameters.items()
+                   if parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
+        unknown = sorted(set(arg_dict) - set(allowed))
+        if unknown:
+            raise ValueError(f"--model_args {', '.join(unknown)}: not an xm2 model argument; "
+                             f"allowed: {', '.join(allowed)}")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **arg_dict})
 
