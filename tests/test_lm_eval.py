@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from xm2.eval.lm_eval import (
     evaluate_tasks,
     multiple_choice_task,
     sampling_settings,
+    text_task,
     write_task_yaml,
 )
 
@@ -131,6 +133,18 @@ def test_rolling_loglikelihood_scores_every_token_once_in_windows_of_the_context
     (score,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (short,), 0)])
     whole = [EOS_ID, *lm.tok_encode(short)]
     assert score == pytest.approx(direct(lm.model, whole, len(whole) - 1)[0], abs=1e-4)
+
+
+def test_a_local_text_task_scores_each_document_whole(lm, tmp_path):
+    texts = [long_text(lm, 2 * lm.max_length + 5), "a short one", "The dogs ran past it."]
+    path = tmp_path / "val.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    task = text_task(path, name="xm2_tiny_text")
+    result = evaluate_tasks(lm, [task], log_samples=True)
+    expected = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), 0)
+                                         for t in texts])
+    bits_per_byte = -sum(expected) / sum(len(t.encode()) for t in texts) / math.log(2)
+    assert result["results"]["xm2_tiny_text"]["bits_per_byte,none"] == pytest.approx(bits_per_byte)
 
 
 def test_generate_until_stops_at_until_and_is_generate(lm):

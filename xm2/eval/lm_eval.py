@@ -24,7 +24,8 @@ is lm-eval's own command line with ``xm2`` registered::
         --tasks <task or task.yaml> [--include_path <folder of task YAMLs>]
 
 From Python, :func:`multiple_choice_task` turns a local multiple-choice JSONL (xm2's format,
-``data/eval/*.jsonl.gz``) into an lm-eval task config, and :func:`evaluate_tasks` runs
+``data/eval/*.jsonl.gz``) and :func:`text_task` a JSONL of documents into an lm-eval task config
+(:func:`write_task_yaml` writes it for the command line), and :func:`evaluate_tasks` runs
 ``simple_evaluate`` offline without reseeding the global random generators.
 """
 
@@ -344,6 +345,28 @@ def multiple_choice_task(path: str | Path, name: str | None = None, format: str 
                                  "{% endfor %}\nAnswer:")
         config["doc_to_choice"] = f"{{{{'{LETTERS}'[:choices | length] | list}}}}"
     return config
+
+
+def text_task(path: str | Path, name: str | None = None, text_field: str = "text") -> dict:
+    """An lm-eval perplexity task over a local JSONL of documents (``{"text": ...}`` a line, as
+    the corpus's ``val.jsonl.gz``): each document scored whole by ``loglikelihood_rolling``;
+    metrics ``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte``, as lm-eval's
+    wikitext task."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    return {
+        "task": name or f"xm2_{path.parent.name}_{path.name.split('.')[0]}_text",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": f"{{{{{text_field}}}}}",
+        "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"},
+                        {"metric": "bits_per_byte"}],
+        "metadata": {"version": 1.0},
+    }
 
 
 def write_task_yaml(config: dict, folder: str | Path) -> Path:
