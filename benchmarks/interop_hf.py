@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/interop_hf.py [--layers 48] [--verify] [--keep DIR]
 
 Writes an xm2 checkpoint of the ``xmodel2-1.2b`` preset with freshly initialised weights (the
-cost depends on shapes, not values) and the tokenizer of `make train`, then times the Llama
-export, the Granite export and the import of the Llama export back into xm2, and prints the
-seconds, the file sizes and the peak resident memory of this process. ``--layers`` keeps the
+cost depends on shapes, not values) and the tokenizer of `make train`, then runs `xm2 export-hf`
+(llama, then granite) and `xm2 import-hf` of the Llama export, each as its own process as a user
+would, and prints each command's wall time (Python start-up included), the size it wrote and its
+peak resident memory. ``--layers`` keeps the
 preset's width and vocabulary with fewer blocks (time and size are linear in them beyond the
 65,280 × 1,536 embedding); ``--verify`` adds the logit check of each export (a transformers
 load and forward pass).
@@ -14,8 +15,10 @@ load and forward pass).
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,14 +29,19 @@ import yaml
 from xm2.checkpoint import save_checkpoint_file
 from xm2.config import ModelConfig
 from xm2.data.tokenizer import file_digest
-from xm2.interop.hf import export_hf, import_hf
 from xm2.model import Decoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def peak_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def run(*words: str) -> tuple[float, float]:
+    """Run ``xm2 <words>``; its wall seconds and peak resident GiB."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "xm2.cli", *words], cwd=ROOT)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"xm2 {' '.join(words)} failed")
+    return time.perf_counter() - started, usage.ru_maxrss / 2**20
 
 
 def folder_gib(path: Path) -> float:
@@ -68,17 +76,16 @@ def main() -> None:
         print(f"{args.layers} layers, {parameters:,} parameters; checkpoint "
               f"{checkpoint.stat().st_size / 2**30:.2f} GiB written in "
               f"{time.perf_counter() - started:.1f} s")
+        verify = ["--verify", str(args.verify).lower()]
         for target in ("llama", "granite"):
-            started = time.perf_counter()
-            export_hf(str(checkpoint), str(work / target), target=target, verify=args.verify)
-            print(f"export-hf --target {target}: {time.perf_counter() - started:.1f} s, "
-                  f"{folder_gib(work / target):.2f} GiB, peak RSS {peak_gib():.1f} GiB")
-            if target == "granite":
-                shutil.rmtree(work / target)
-        started = time.perf_counter()
-        import_hf(str(work / "llama"), str(work / "imported"))
-        print(f"import-hf (llama export): {time.perf_counter() - started:.1f} s, "
-              f"{folder_gib(work / 'imported'):.2f} GiB, peak RSS {peak_gib():.1f} GiB")
+            seconds, peak = run("export-hf", str(checkpoint), "--output", str(work / target),
+                                "--target", target, *verify)
+            print(f"xm2 export-hf --target {target}: {seconds:.1f} s, "
+                  f"{folder_gib(work / target):.2f} GiB written, peak RSS {peak:.1f} GiB")
+        shutil.rmtree(work / "granite")
+        seconds, peak = run("import-hf", str(work / "llama"), "--output", str(work / "imported"))
+        print(f"xm2 import-hf (the llama export): {seconds:.1f} s, "
+              f"{folder_gib(work / 'imported'):.2f} GiB written, peak RSS {peak:.1f} GiB")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
