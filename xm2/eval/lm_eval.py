@@ -155,7 +155,7 @@ class Xm2LM(TemplateLM):
                          "tokenizer_path": str(loaded.tokenizer_path)}
         elif tokenizer is None:
             raise ValueError("Xm2LM(model=...) needs the model's tokenizer= too")
-        self.model = model.eval()
+        self.model = model  # an in-memory model's train/eval mode is its owner's business
         self.tokenizer = tokenizer
         self.max_length = model.config.max_seq_len
         # lm-eval's results record its own --batch_size and --device, which xm2 may override.
@@ -165,7 +165,8 @@ class Xm2LM(TemplateLM):
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer: Any,
                    batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0) -> Xm2LM:
-        """An in-memory decoder (e.g. the one being trained) and its SentencePiece tokenizer."""
+        """An in-memory decoder (e.g. the one being trained; put it in eval mode if it has
+        layers that differ in training) and its SentencePiece tokenizer."""
         return cls(model=model, tokenizer=tokenizer, batch_size=batch_size, seed=seed)
 
     @classmethod
