@@ -34,6 +34,30 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).type_as(x)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention of (batch, heads, seq, head_dim) queries over
+    (batch, kv_heads, seq, head_dim) keys and values.
+
+    ``scaled_dot_product_attention`` everywhere but in bf16 on a CPU: there its flash kernel ran
+    the nano training step's attention about 2× slower than two bf16 matrix products around a
+    softmax (docs/performance.md), so that is what runs. As accurate as bf16 SDPA
+    (tests/test_perf.py); the (seq × seq) scores cost memory, which at CPU sequence lengths is
+    small.
+    """
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    batch, heads, seq, head_dim = q.shape
+    kv_heads = k.shape[1]
+    # The query heads of one KV head are one matrix product with it: no repeated keys or values.
+    grouped = (q * head_dim**-0.5).reshape(batch, kv_heads, heads // kv_heads * seq, head_dim)
+    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(batch, kv_heads, -1, seq, seq)
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    # bf16 in and out; the kernel accumulates in fp32 (an fp32 copy of the scores cost 3×).
+    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    out = torch.matmul(weights.view(batch, kv_heads, -1, seq), v)
+    return out.view(batch, heads, seq, head_dim)
+
+
 @dataclass
 class KVCache:
     """Keys and values of every layer for a batch of sequences, filled in place as tokens come.
@@ -102,12 +126,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads, kv_heads = self.num_heads, self.num_kv_heads
+        # One matrix product for q, k and v (the three weights side by side, names unchanged):
+        # one pass over x instead of three, and one wide product instead of three narrow ones.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv = F.linear(x, weight).view(batch, seq, heads + 2 * kv_heads, self.head_dim)
+        qkv = qkv.transpose(1, 2)
+        # Queries and keys are rotated together, in one pass.
+        qk = apply_rope(qkv[:, :heads + kv_heads], cos, sin)
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            out = causal_attention(q, k, v)
         else:
             mask = cache.attention_mask(seq)
             k, v = cache.store(layer, k, v)
@@ -124,7 +153,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Gate and up projections as one matrix product (weights side by side, names unchanged).
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -138,10 +169,11 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        # µP rule 2: each branch output × scale_depth/√num_layers before the residual add.
+        # µP rule 2: each branch output × scale_depth/√num_layers before the residual add (one
+        # pass: add with alpha).
         attention = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
-        x = x + self.residual_scale * attention
-        return x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
+        x = torch.add(x, attention, alpha=self.residual_scale)
+        return torch.add(x, self.mlp(self.post_attention_layernorm(x)), alpha=self.residual_scale)
 
 
 class Decoder(nn.Module):
@@ -204,8 +236,11 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length += seq
         h = self.norm(h)
-        # µP rule 5: logits × 1/m, through the tied embedding.
-        return F.linear(h, self.embed_tokens.weight) / self.config.width_multiplier
+        # µP rule 5: logits × 1/m, through the tied embedding. Applied to h, which is vocab/hidden
+        # times smaller than the logits (the same numbers when m is a power of 2), and not at all
+        # when m is 1.
+        m = self.config.width_multiplier
+        return F.linear(h if m == 1 else h / m, self.embed_tokens.weight)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` (default: the context)."""

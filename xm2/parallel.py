@@ -1,5 +1,6 @@
 """How the decoder is laid out over devices: FSDP2 sharding, its mixed precision, activation
-checkpointing, ``torch.compile`` per block and meta-device construction, all switched in YAML.
+checkpointing, ``torch.compile`` (whole model or per block) and meta-device construction, all
+switched in YAML.
 
 Every switch is a field of :class:`ParallelConfig` (``model.parallel`` in a config) and takes
 effect in one place, :func:`apply`, which the LightningModule's ``configure_model`` calls once the
@@ -19,6 +20,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 MIXED_PRECISION = ("none", "bf16")
+COMPILE = (False, True, "blocks", "model")
 
 
 @dataclass
@@ -33,8 +35,11 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Keep only each block's input and recompute the block in the backward pass: activation
     memory of one block instead of all, for about a third more compute."""
-    compile: bool = False
-    """``torch.compile`` each decoder block in place (parameter and checkpoint names unchanged)."""
+    compile: bool | Literal["blocks", "model"] = False
+    """``torch.compile`` in place (parameter and checkpoint names unchanged): ``model`` compiles
+    the whole decoder as one graph (fastest on one device: docs/performance.md); ``blocks`` (or
+    true) each decoder block on its own, the unit FSDP2 shards and activation checkpointing
+    recomputes; false runs eagerly."""
     meta_init: bool = False
     """Build the model on the meta device (no memory) and give it its values only after
     sharding, so no process ever holds the whole model; µP initialisation is the same draw as on
@@ -44,6 +49,9 @@ class ParallelConfig:
     for the backward pass); false trades memory for less communication."""
 
     def __post_init__(self) -> None:
+        if self.compile not in COMPILE:
+            raise ValueError(f"parallel compile={self.compile!r}; allowed: false, true, "
+                             "blocks (the same as true), model")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"parallel mixed_precision={self.mixed_precision!r}; allowed: "
                              f"{', '.join(MIXED_PRECISION)}")
@@ -99,7 +107,9 @@ def apply(model: nn.Module, config: ParallelConfig, strategy: Strategy | None,
             f"policy and needs trainer.strategy xm2.parallel.FSDP2Strategy (this run uses "
             f"{type(strategy).__name__}); set it to 'none' and use trainer.precision bf16-mixed")
     model.activation_checkpointing = config.activation_checkpointing
-    if config.compile:
+    if config.compile == "model":
+        model.compile()
+    elif config.compile:
         for block in model.layers:
             block.compile()
     if sharded:

@@ -1,0 +1,363 @@
+"""The performance suite: ``xm2 fit`` against a raw PyTorch loop and transformers' Llama.
+
+    .venv/bin/python benchmarks/perf_suite.py --quick       # nano, eager, one round: minutes
+    .venv/bin/python benchmarks/perf_suite.py               # nano and tiny, fp32/bf16, eager/compiled
+    .venv/bin/python benchmarks/perf_suite.py --sizes nano --compile none model --rounds 3
+
+Each measurement runs in a fresh process, so that start-up and peak memory are its own:
+
+- ``fit``: ``xm2 fit`` on the recipe (config/nano.yaml, with config/model/tiny.yaml for tiny),
+  shortened to a few steps with the warmup, the decay start (the LR decay and the mixture switch)
+  and the end inside them. µP groups, WSD, the mixture pipeline, MLflow logging (its own store,
+  ``artifacts/benchmarks/mlflow.db``), the progress bar, the throughput monitor and checkpoints are
+  on. ``benchmarks/perf_probe.py`` times it from inside: tokens/s over the steps after the warmup
+  with validation, analyses and checkpoint saves taken out (each is timed on its own), and the
+  seconds from launching the command to its first training step. The *recipe* row (nano, bf16,
+  eager: what ``make train`` runs) also validates, checkpoints and runs the analyses.
+- ``raw`` / ``hf``: benchmarks/perf_loop.py, a plain loop over xm2's decoder / over
+  ``transformers.LlamaForCausalLM`` of the same shape, with the same data, AdamW settings and
+  clipping.
+
+Rounds are interleaved (every configuration once per round, in turn) and each figure is the
+median over rounds, so a machine whose load changes shifts all rows alike. MFU is against a
+matmul peak measured in each round in the same dtype (``xm2.analysis.flops.measure_peak_flops``).
+Also measured: the data pipeline's tokens/s against what training consumes, tokenizer training
+and shard writing, and (from the recipe row) validation, each analysis callback and checkpoint
+saves as shares of the recipe's training. Prints markdown tables and writes
+``artifacts/benchmarks/perf.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+XM2 = str(Path(sys.executable).parent / "xm2")
+BATCH = {"nano": 16, "tiny": 4}
+"""Rows per batch, as in perf_loop.py (nano: the recipe's 16 × 256 tokens; tiny: 4 × 512)."""
+STEPS = {"nano": (3, 8), "tiny": (2, 4)}
+"""(warm-up steps, timed steps) of each size; --quick halves them."""
+RECIPE = ("nano", "bf16", "none")
+"""The row that runs the recipe whole: validation, checkpoints, analyses."""
+PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}
+RECIPE_STEPS, RECIPE_VALIDATIONS, RECIPE_CHECKPOINTS, RECIPE_ANALYSES = 300, 10, 5, 2
+"""config/nano.yaml: 300 steps, validation every 30, a checkpoint every 60, each analysis at the
+decay start and at the end."""
+
+
+def run_process(command: list[str], env: dict | None = None) -> dict:
+    """Run ``command`` to its end: its launch wall time, output, exit code and peak RSS (MB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        launched = time.time()
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=err, env=env, text=True)
+        # wait4 gives this child's own resource usage (ru_maxrss: its peak resident set, in KiB).
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {"launched": launched, "stdout": out.read(), "stderr": err.read(),
+                "code": process.returncode, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def fit_config(size: str, dtype: str, compile_mode: str, warmup: int, steps: int,
+               directory: Path, recipe_row: bool) -> Path:
+    """The recipe shortened to warmup + steps, written as one YAML file for ``xm2 fit --config``."""
+    recipe = yaml.safe_load((ROOT / "config" / "nano.yaml").read_text())
+    if size != "nano":
+        preset = yaml.safe_load((ROOT / "config" / "model" / f"{size}.yaml").read_text())
+        recipe["model"]["architecture"].update(preset["model"]["architecture"])
+    config = copy.deepcopy(recipe)
+    total = warmup + steps
+    trainer = config["trainer"]
+    trainer.update(max_steps=total, precision=PRECISION[dtype],
+                   default_root_dir=str(directory / "runs"))
+    trainer["logger"]["init_args"].update(
+        experiment_name="xm2-perf", run_name=f"perf-fit-{size}-{dtype}-{compile_mode}",
+        tracking_uri=f"sqlite:///{ROOT / 'artifacts' / 'benchmarks' / 'mlflow.db'}")
+    callbacks = []
+    for entry in trainer["callbacks"]:
+        name = entry["class_path"].rsplit(".", 1)[-1]
+        if name in ("Calibration", "ContextLaw") and not recipe_row:
+            continue
+        if name == "ModelCheckpoint":
+            entry = copy.deepcopy(entry)
+            # One save inside the measured steps (timed on its own), as the recipe saves every 60.
+            entry["init_args"]["every_n_train_steps"] = warmup + steps // 2 if recipe_row else 10**6
+        callbacks.append(entry)
+    callbacks.append({"class_path": "perf_probe.FitProbe",
+                      "init_args": {"output": str(directory / "probe.json")}})
+    trainer["callbacks"] = callbacks
+    if recipe_row:
+        trainer["val_check_interval"] = warmup + steps // 2
+    else:
+        trainer["limit_val_batches"] = 0
+    schedule = config["model"]["schedule"]
+    # Warmup, stable and decay (and the switch to the decay mixture) inside the run.
+    schedule.update(warmup_steps=min(2, warmup), decay_start_step=warmup + steps // 2)
+    config["model"]["parallel"] = {"compile": False if compile_mode == "none" else compile_mode}
+    config["data"]["batch_size"] = BATCH[size]
+    path = directory / "fit.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def measure_fit(size: str, dtype: str, compile_mode: str, warmup: int, steps: int) -> dict:
+    recipe_row = (size, dtype, compile_mode) == RECIPE
+    with tempfile.TemporaryDirectory(prefix="xm2-perf-") as folder:
+        directory = Path(folder)
+        config = fit_config(size, dtype, compile_mode, warmup, steps, directory, recipe_row)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+        run = run_process([XM2, "fit", "--config", str(config)], env)
+        probe_path = directory / "probe.json"
+        if run["code"] != 0 or not probe_path.is_file():
+            raise RuntimeError(f"xm2 fit failed ({run['code']}): {run['stderr'][-3000:]}")
+        probe = json.loads(probe_path.read_text())
+    intervals = probe["intervals"][warmup:]
+    tokens_per_step = BATCH[size] * architecture(size).max_seq_len
+    result = {
+        "tokens_per_s": tokens_per_step * len(intervals) / sum(intervals),
+        "median_step_s": statistics.median(intervals),
+        "startup_s": probe["first_step_wall"] - run["launched"],
+        "peak_rss_mb": run["peak_rss_mb"],
+        "steps": len(intervals),
+        "callbacks": probe["callbacks"],
+        "validation_s": probe["validation_s"],
+        "recipe_row": recipe_row,
+    }
+    return result
+
+
+def measure_loop(impl: str, size: str, dtype: str, compile_mode: str, warmup: int,
+                 steps: int) -> dict:
+    command = [PYTHON, str(ROOT / "benchmarks" / "perf_loop.py"), "--impl", impl, "--size", size,
+               "--dtype", dtype, "--compile", compile_mode, "--warmup", str(warmup),
+               "--steps", str(steps)]
+    run = run_process(command)
+    lines = [line for line in run["stdout"].splitlines() if line.startswith("{")]
+    if run["code"] != 0 or not lines:
+        raise RuntimeError(f"perf_loop {impl} failed ({run['code']}): {run['stderr'][-3000:]}")
+    # Start-up from the launch of the process, as for xm2 fit.
+    return {**json.loads(lines[-1]), "peak_rss_mb": run["peak_rss_mb"]}
+
+
+def architecture(size: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from perf_loop import architecture as preset
+
+    return preset(size)
+
+
+def measure_peaks() -> dict[str, float]:
+    """Matmul FLOP/s in fp32 and bf16 (2048², median of 5), in a fresh process."""
+    code = ("import json, torch; from xm2.analysis.flops import measure_peak_flops; "
+            "print(json.dumps({'fp32': measure_peak_flops(torch.float32, 2048, 5), "
+            "'bf16': measure_peak_flops(torch.bfloat16, 2048, 5)}))")
+    run = run_process([PYTHON, "-c", code])
+    if run["code"] != 0:
+        raise RuntimeError(run["stderr"][-2000:])
+    return json.loads(run["stdout"].strip().splitlines()[-1])
+
+
+def median_of(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(rows: dict, peaks: list[dict]) -> list[dict]:
+    from xm2.analysis.flops import flops_per_token
+
+    peak = {dtype: median_of([p[dtype] for p in peaks]) for dtype in ("fp32", "bf16")}
+    table = []
+    for (impl, size, dtype, compile_mode), results in rows.items():
+        config = architecture(size)
+        tokens = median_of([r["tokens_per_s"] for r in results])
+        flops = flops_per_token(config, config.max_seq_len)
+        table.append({
+            "impl": impl, "size": size, "dtype": dtype, "compile": compile_mode,
+            "tokens_per_s": tokens, "tokens_per_s_rounds": [r["tokens_per_s"] for r in results],
+            "mfu": tokens * flops / peak[dtype] if tokens else None,
+            "gflops": tokens * flops / 1e9 if tokens else None,
+            "peak_rss_mb": median_of([r.get("peak_rss_mb") for r in results]),
+            "startup_s": median_of([r.get("startup_s") for r in results]),
+            "batch": f"{BATCH[size]}x{config.max_seq_len}",
+        })
+    return table
+
+
+def overheads(recipe_results: list[dict], consumed_tokens_per_s: float) -> dict:
+    """Validation, analyses and checkpoint saves of the recipe row, projected onto config/nano.yaml
+    (300 steps, 10 validations, 5 checkpoints, each analysis twice)."""
+    tokens_per_step = BATCH["nano"] * architecture("nano").max_seq_len
+    training_s = RECIPE_STEPS * tokens_per_step / consumed_tokens_per_s
+    validation = median_of([statistics.median(r["validation_s"]) for r in recipe_results
+                            if r["validation_s"]])
+    out = {"recipe_training_s": training_s, "items": {}}
+    if validation is not None:
+        out["items"]["validation"] = {"seconds_each": validation, "times": RECIPE_VALIDATIONS,
+                                      "share": validation * RECIPE_VALIDATIONS / training_s}
+    names = set().union(*(r["callbacks"] for r in recipe_results))
+    for name in sorted(names):
+        records = [r["callbacks"][name] for r in recipe_results if name in r["callbacks"]]
+        seconds = median_of([record["seconds"] for record in records])
+        if name in ("Calibration", "ContextLaw"):
+            each, times = seconds / 2, RECIPE_ANALYSES  # decay start and end, both in the run
+        elif name == "ModelCheckpoint":
+            each, times = seconds / 2, RECIPE_CHECKPOINTS  # one save mid-run and one at the end
+        else:  # per-step work, already inside the measured tokens/s
+            steps = recipe_results[0]["steps"] + STEPS["nano"][0]
+            each, times = seconds / steps, RECIPE_STEPS
+        out["items"][name] = {"seconds_each": each, "times": times,
+                              "share": each * times / training_s}
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| size | dtype | compile | impl | tokens/s | MFU | GFLOP/s | peak RSS MB | start-up s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in sorted(table, key=lambda r: (r["size"], r["dtype"], r["compile"], r["impl"])):
+        lines.append(
+            f"| {row['size']} | {row['dtype']} | {row['compile']} | {row['impl']} | "
+            f"{row['tokens_per_s']:,.0f} | {row['mfu']:.0%} | {row['gflops']:.0f} | "
+            f"{row['peak_rss_mb']:,.0f} | {row['startup_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def ratios(table: list[dict]) -> list[dict]:
+    """fit/raw and xm2 (raw)/transformers per (size, dtype, compile)."""
+    index = {(r["impl"], r["size"], r["dtype"], r["compile"]): r["tokens_per_s"] for r in table}
+    out = []
+    for (impl, size, dtype, compile_mode), tokens in sorted(index.items()):
+        if impl != "raw":
+            continue
+        fit, hf = index.get(("fit", size, dtype, compile_mode)), index.get(("hf", size, dtype, compile_mode))
+        hf_eager = index.get(("hf", size, dtype, "none"))
+        out.append({"size": size, "dtype": dtype, "compile": compile_mode,
+                    "fit_over_raw": fit / tokens if fit else None,
+                    "xm2_over_hf": tokens / hf if hf else None,
+                    "xm2_over_hf_eager": tokens / hf_eager if hf_eager else None})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="nano, eager, half the steps, one round (a smoke run of the suite)")
+    parser.add_argument("--sizes", nargs="+", default=["nano", "tiny"], choices=list(BATCH))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(PRECISION))
+    parser.add_argument("--compile", nargs="+", default=["none", "model"],
+                        choices=["none", "model", "blocks"])
+    parser.add_argument("--impls", nargs="+", default=["fit", "raw", "hf"],
+                        choices=["fit", "raw", "hf"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--skip_data", action="store_true",
+                        help="skip the data pipeline, tokenizer and shard measurements")
+    parser.add_argument("--output", default=str(ROOT / "artifacts" / "benchmarks" / "perf.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.sizes, args.compile, args.rounds = ["nano"], ["none"], 1
+    steps = {size: (max(1, w // 2), max(2, s // 2)) if args.quick else (w, s)
+             for size, (w, s) in STEPS.items()}
+    (ROOT / "artifacts" / "benchmarks").mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    started = time.time()
+
+    rows: dict[tuple, list[dict]] = {}
+    peaks = []
+    for round_index in range(args.rounds):
+        peaks.append(measure_peaks())
+        print(f"round {round_index + 1}/{args.rounds}: peak fp32 {peaks[-1]['fp32'] / 1e9:.0f}, "
+              f"bf16 {peaks[-1]['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+        for size in args.sizes:
+            warmup, timed = steps[size]
+            for compile_mode in args.compile:
+                for dtype in args.dtypes:
+                    for impl in args.impls:
+                        key = (impl, size, dtype, compile_mode)
+                        try:
+                            result = (measure_fit(size, dtype, compile_mode, warmup, timed)
+                                      if impl == "fit" else
+                                      measure_loop(impl, size, dtype, compile_mode, warmup, timed))
+                        except RuntimeError as error:
+                            print(f"  {key}: FAILED {error}", flush=True)
+                            continue
+                        rows.setdefault(key, []).append(result)
+                        print(f"  {impl:3} {size} {dtype} compile={compile_mode}: "
+                              f"{result['tokens_per_s']:,.0f} tok/s, start-up "
+                              f"{result['startup_s']:.1f} s", flush=True)
+
+    table = summarise(rows, peaks)
+    report = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+        "seconds": time.time() - started,
+        "command": " ".join(sys.argv),
+        "peak_flops": peaks,
+        "rows": table,
+        "ratios": ratios(table),
+    }
+    try:
+        import torch
+
+        report["machine"]["torch"] = torch.__version__
+        report["machine"]["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        report["machine"]["threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    recipe = rows.get(("fit", *RECIPE))
+    if recipe:
+        report["overheads"] = overheads(recipe, median_of([r["tokens_per_s"] for r in recipe]))
+    if not args.skip_data:
+        consumption = {size: max((r["tokens_per_s"] for r in table if r["size"] == size), default=None)
+                       for size in args.sizes}
+        run = run_process([PYTHON, str(ROOT / "benchmarks" / "perf_data.py"), "--sizes",
+                           *args.sizes] + (["--quick"] if args.quick else []))
+        if run["code"] == 0:
+            data = json.loads(run["stdout"].strip().splitlines()[-1])
+            for size, pipeline in data["pipeline"].items():
+                if consumption.get(size):
+                    pipeline["fastest_training_tokens_per_s"] = consumption[size]
+                    pipeline["times_consumption"] = pipeline["tokens_per_s"] / consumption[size]
+            report["data"] = data
+        else:
+            print(f"perf_data failed: {run['stderr'][-2000:]}")
+
+    Path(args.output).write_text(json.dumps(report, indent=1))
+    print()
+    print(markdown(table))
+    print()
+    for ratio in report["ratios"]:
+        def fmt(value):
+            return "-" if value is None else f"{value:.3f}"
+        print(f"{ratio['size']} {ratio['dtype']} compile={ratio['compile']}: fit/raw "
+              f"{fmt(ratio['fit_over_raw'])}, xm2/transformers {fmt(ratio['xm2_over_hf'])}"
+              f" (against transformers eager {fmt(ratio['xm2_over_hf_eager'])})")
+    if "overheads" in report:
+        print(f"\nrecipe overheads (projected onto config/nano.yaml, training "
+              f"{report['overheads']['recipe_training_s']:.0f} s):")
+        for name, item in report["overheads"]["items"].items():
+            print(f"  {name}: {item['seconds_each']:.3f} s × {item['times']} = "
+                  f"{item['share']:.2%}")
+    if "data" in report:
+        print("\ndata:", json.dumps(report["data"], indent=1))
+    print(f"\nwrote {args.output} ({report['seconds']:.0f} s; load average before "
+          f"{load_before[0]:.2f}, after {report['machine']['load_average_after'][0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()
