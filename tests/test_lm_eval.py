@@ -99,9 +99,12 @@ def test_greedy_flag_is_true_only_for_the_models_own_continuation(lm):
             ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
     greedy_continuation = ids[len(context):]
     other = [*greedy_continuation[:-1], (greedy_continuation[-1] + 1) % 512]
-    (_, is_greedy), (_, not_greedy) = lm._loglikelihood_tokens(
+    (_, is_greedy), (other_score, not_greedy) = lm._loglikelihood_tokens(
         [(None, context, greedy_continuation), (None, context, other)])
     assert is_greedy and not not_greedy
+    in_memory = Xm2LM.from_model(lm.model, lm.tokenizer, batch_size=1)  # unbatched: the same
+    ((score, greedy),) = in_memory._loglikelihood_tokens([(None, context, other)])
+    assert score == pytest.approx(other_score, abs=1e-4) and not greedy
 
 
 def test_a_continuation_longer_than_the_context_is_scored_once_per_token(lm):
