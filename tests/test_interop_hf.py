@@ -26,6 +26,7 @@ from xm2.checkpoint import save_checkpoint_file
 from xm2.config import ModelConfig
 from xm2.data.tokenizer import file_digest, load_tokenizer
 from xm2.errors import ConfigError
+from xm2.eval.generate import generate_ids
 from xm2.eval.load import load_checkpoint_model
 from xm2.interop.hf import export_hf, import_hf
 from xm2.model import Decoder
@@ -82,6 +83,18 @@ def test_export_gives_xm2_logits_in_transformers(exported, target):
         expected, got = xm2_model(ids), hf_model(input_ids=ids).logits
     assert expected.abs().max() > 1  # a model that says something, not all zeros
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_transformers_greedy_generation_of_the_export_is_xm2s(exported):
+    """transformers' own generate (its KV cache, its positions) continues as `xm2 generate` does."""
+    xm2_model = load_checkpoint_model(exported["checkpoint"]).model
+    hf_model = AutoModelForCausalLM.from_pretrained(exported["llama"], dtype=torch.float32)
+    prompts = tokens(6)[:, :8].tolist()
+    expected = generate_ids(xm2_model, prompts, max_new_tokens=20, eos_id=None)
+    with torch.no_grad():
+        got = hf_model.generate(torch.tensor(prompts), max_new_tokens=20, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[:, 8:]
+    assert got.tolist() == expected
 
 
 def test_export_leaves_no_multiplier_on_the_llama_side(exported):
