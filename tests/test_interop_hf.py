@@ -216,13 +216,21 @@ def hf_folder(folder: Path, config: dict, tokenizer_path: Path, head: bool = Fal
     (folder / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
     if weights_format == "safetensors":
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    elif weights_format == "sharded":  # transformers' layout above its max_shard_size
+        names = sorted(weights)
+        shards = {"model-00001-of-00002.safetensors": names[::2],
+                  "model-00002-of-00002.safetensors": names[1::2]}
+        for file, keys in shards.items():
+            save_file({k: weights[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+        index = {"weight_map": {k: file for file, keys in shards.items() for k in keys}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     else:
         torch.save(weights, folder / "pytorch_model.bin")
     return folder, weights
 
 
 @pytest.mark.parametrize("layout,head,weights_format", [
-    ("minicpm", False, "safetensors"), ("minicpm", True, "bin"),
+    ("minicpm", False, "sharded"), ("minicpm", True, "bin"),
     ("xmodel", True, "safetensors"), ("xmodel", False, "bin")])
 def test_import_gives_the_layouts_logits(tmp_path, tokenizer_path, layout, head, weights_format):
     config = MINICPM if layout == "minicpm" else XMODEL
