@@ -90,3 +90,14 @@ def test_generate_command(tiny_checkpoint, tmp_path):
     assert result.stdout.startswith("The river")
     missing = xm2("generate", "nowhere.ckpt", "--prompt", "[x]", cwd=tmp_path)
     assert missing.returncode == 1 and "checkpoint nowhere.ckpt does not exist" in missing.stderr
+
+
+def test_the_continuation_keeps_its_word_boundary_space(tokenizer_path):
+    from xm2.data.tokenizer import load_tokenizer
+    from xm2.eval.generate import decode_continuation
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids = tokenizer.encode("river is")  # SentencePiece starts a text with a word boundary
+    assert tokenizer.decode(ids) == "river is"
+    assert decode_continuation(tokenizer, ids) == " river is"
+    assert decode_continuation(tokenizer, []) == ""

@@ -51,7 +51,10 @@ TOOLS = {
     "export-hf": "xm2.interop.hf:export_hf",
     "import-hf": "xm2.interop.hf:import_hf",
     "generate": "xm2.eval.generate:generate_command",
+    "lm-eval": "xm2.eval.lm_eval:main",
 }
+PASS_THROUGH = ("lm-eval",)
+"""Tools that parse their own options: they get every word after their name."""
 
 
 def tool(name: str) -> Any:
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> None:
 
         # Field help comes from the docstrings under dataclass fields, too.
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
+        if words[0] in PASS_THROUGH:
+            tool(words[0])(words[1:])
+            return
         if words[0] in TOOLS:
             CLI({words[0]: tool(words[0])}, args=words)
             return

@@ -71,17 +71,25 @@ def encode_request(tokenizer, request: Request, max_len: int, boundary_id: int) 
     """Token ids of boundary + context + continuation, cut from the left to ``max_len + 1``.
 
     Returns the ids and the number of continuation tokens at their end. The context starts after a
-    document boundary (EOS), as every training document does.
+    document boundary (EOS), as every training document does. Context and continuation are encoded
+    together and split after the context's own tokens, as lm-eval does: encoded alone, a
+    continuation such as `` Paris`` would gain a word-boundary token of its own (``▁`` ``▁Paris``)
+    that the model never sees inside a text.
     """
-    context = [boundary_id, *tokenizer.encode(request.context)]
-    continuation = tokenizer.encode(request.continuation)
-    if not continuation:
+    context, continuation = request.context, request.continuation
+    # A trailing space of the context belongs to the continuation (its word-boundary piece).
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids = tokenizer.encode(context)
+    continuation_ids = tokenizer.encode(context + continuation)[len(context_ids):]
+    if not continuation_ids:
         raise ValueError(f"continuation {request.continuation!r} encodes to no tokens")
-    if len(continuation) > max_len:
-        raise ValueError(f"continuation {request.continuation[:60]!r} has {len(continuation)} tokens, "
-                         f"more than the model's context of {max_len}")
-    ids = (context + continuation)[-(max_len + 1):]
-    return ids, len(continuation)
+    if len(continuation_ids) > max_len:
+        raise ValueError(f"continuation {request.continuation[:60]!r} has {len(continuation_ids)} "
+                         f"tokens, more than the model's context of {max_len}")
+    ids = ([boundary_id, *context_ids, *continuation_ids])[-(max_len + 1):]
+    return ids, len(continuation_ids)
 
 
 @torch.no_grad()

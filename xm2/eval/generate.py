@@ -173,6 +173,14 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:min(cuts)], True) if cuts else (text, False)
 
 
+def decode_continuation(tokenizer, ids: Sequence[int]) -> str:
+    """The text of new tokens as it continues the prompt: SentencePiece's ``decode`` drops the
+    word-boundary space of the first piece (``▁Paris`` -> ``Paris``), which here belongs to the
+    text (``Answer:`` + `` Paris``)."""
+    text = tokenizer.decode(list(ids))
+    return " " + text if ids and tokenizer.id_to_piece(ids[0]).startswith("▁") else text
+
+
 def generate(model: Decoder, tokenizer, prompts: Sequence[str], max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
              seed: int = 0, batch_size: int = 8, use_cache: bool = True) -> list[str]:
@@ -193,12 +201,12 @@ def generate(model: Decoder, tokenizer, prompts: Sequence[str], max_new_tokens: 
     stop = [s for s in stop if s]
 
     def should_stop(index: int, new_ids: list[int]) -> bool:
-        return cut_at_stop(tokenizer.decode(new_ids), stop)[1]
+        return cut_at_stop(decode_continuation(tokenizer, new_ids), stop)[1]
 
     prompt_ids = [[EOS_ID, *tokenizer.encode(prompt)] for prompt in prompts]
     new = generate_ids(model, prompt_ids, max_new_tokens, temperature, top_p, EOS_ID, seed,
                        batch_size, use_cache, should_stop if stop else None)
-    return [cut_at_stop(tokenizer.decode(ids), stop)[0] for ids in new]
+    return [cut_at_stop(decode_continuation(tokenizer, ids), stop)[0] for ids in new]
 
 
 def generate_command(
