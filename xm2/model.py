@@ -39,8 +39,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     (batch, kv_heads, seq, head_dim) keys and values.
 
     ``scaled_dot_product_attention`` everywhere but in bf16 on a CPU: there its flash kernel ran
-    the nano training step's attention about 2× slower than two bf16 matrix products around a
-    softmax (docs/performance.md), so that is what runs. As accurate as bf16 SDPA
+    the nano training step's attention 1.8× slower (tiny's 1.6×) than two bf16 matrix products
+    around a softmax (docs/performance.md), so that is what runs. As accurate as bf16 SDPA
     (tests/test_perf.py); the (seq × seq) scores cost memory, which at CPU sequence lengths is
     small.
     """
@@ -48,13 +48,17 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     batch, heads, seq, head_dim = q.shape
     kv_heads = k.shape[1]
+    group = heads // kv_heads
     # The query heads of one KV head are one matrix product with it: no repeated keys or values.
-    grouped = (q * head_dim**-0.5).reshape(batch, kv_heads, heads // kv_heads * seq, head_dim)
-    scores = torch.matmul(grouped, k.transpose(-1, -2)).view(batch, kv_heads, -1, seq, seq)
-    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    grouped = q.reshape(batch * kv_heads, group * seq, head_dim)
+    keys = k.reshape(batch * kv_heads, seq, head_dim).transpose(1, 2)
+    # The causal mask as an additive bias, added by the product itself (nothing to undo in the
+    # backward pass).
+    future = torch.full((seq, seq), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+    scores = torch.baddbmm(future.repeat(group, 1), grouped, keys, alpha=head_dim**-0.5)
     # bf16 in and out; the kernel accumulates in fp32 (an fp32 copy of the scores cost 3×).
-    weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-    out = torch.matmul(weights.view(batch, kv_heads, -1, seq), v)
+    weights = torch.softmax(scores, dim=-1)
+    out = torch.bmm(weights, v.reshape(batch * kv_heads, seq, head_dim))
     return out.view(batch, heads, seq, head_dim)
 
 
@@ -126,15 +130,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         batch, seq, _ = x.shape
-        heads, kv_heads = self.num_heads, self.num_kv_heads
-        # One matrix product for q, k and v (the three weights side by side, names unchanged):
-        # one pass over x instead of three, and one wide product instead of three narrow ones.
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        qkv = F.linear(x, weight).view(batch, seq, heads + 2 * kv_heads, self.head_dim)
-        qkv = qkv.transpose(1, 2)
-        # Queries and keys are rotated together, in one pass.
-        qk = apply_rope(qkv[:, :heads + kv_heads], cos, sin)
-        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads:]
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v)
         else:
@@ -153,9 +152,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Gate and up projections as one matrix product (weights side by side, names unchanged).
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, -1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
