@@ -11,7 +11,7 @@ xm2's µP parameter groups (:func:`xm2.optimizer.build_adamw`); ``--impl hf`` tr
 with an AdamW of the same settings. Prints one JSON line (``perf_suite.py`` runs this in a fresh
 process per measurement and reads it): tokens/s over the timed steps (data fetch included, as in
 ``xm2 fit``), the median step, peak resident memory, seconds from process start to the first
-step and the final loss. ``--profile`` writes a ``torch.profiler`` table of two steps.
+step, the first step's own seconds (with ``--compile``: the compilation) and the final loss. ``--profile`` writes a ``torch.profiler`` table of two steps.
 """
 
 from __future__ import annotations
@@ -154,14 +154,15 @@ def main() -> None:
         return loss.item()
 
     first_step = None
-    times = []
+    times, all_times = [], []
     for index in range(total_steps):
         start = time.perf_counter()
         if first_step is None:
             first_step = time.time() - STARTED
         loss = step()
+        all_times.append(time.perf_counter() - start)
         if index >= args.warmup:
-            times.append(time.perf_counter() - start)
+            times.append(all_times[-1])
     tokens_per_step = batch_size * config.max_seq_len
     result = {
         "impl": args.impl, "size": args.size, "dtype": args.dtype, "compile": args.compile,
@@ -169,7 +170,7 @@ def main() -> None:
         "tokens_per_s": tokens_per_step * len(times) / sum(times),
         "median_step_s": statistics.median(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "startup_s": first_step, "loss": loss, "threads": torch.get_num_threads(),
+        "startup_s": first_step, "first_step_s": all_times[0], "loss": loss, "threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in parameters),
     }
     if args.profile:

@@ -7,12 +7,14 @@ and the time each other callback and the loggers take.
 - ``first_step_wall``: ``time.time()`` when the first training batch starts (the suite subtracts
   the launch time of the process);
 - ``intervals``: seconds from the start of each training batch to the start of the next, with
-  the time spent in validation and in the *excluded* callbacks (analyses and checkpoint saves,
-  reported on their own) taken out; everything else that runs per step stays in: the data
+  the time spent in validation, in the analyses and in checkpoint writes (each reported on its
+  own) taken out; everything else that runs per step stays in: the data
   fetch, forward, backward, clipping, AdamW, WSD, the mixture monitor, the throughput monitor,
   the progress bar and MLflow logging;
 - ``validation_s``: the duration of each validation loop;
-- ``callbacks``: seconds and calls of each callback's hooks, by class name, and of the loggers.
+- ``callbacks``: seconds and calls of each callback hook (``Class.hook``), of the loggers' methods
+  (``MLFlowLogger.log_metrics`` ...) and of checkpoint writes (``checkpoint_save``);
+- ``steps``: training batches run.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 import lightning as L
 
 # Callbacks whose time is a separate line of the report, not a cost of every step: the analyses
-# (they run at the decay start and at the end) and checkpoint saves (every 60 steps in the recipe).
-SEPARATE = ("Calibration", "ContextLaw", "ModelCheckpoint", "CoordCheck")
+# (they run at the decay start and at the end). Checkpoint writes (every 60 steps in the recipe)
+# are taken out too, through trainer.save_checkpoint; ModelCheckpoint's per-step check stays in.
+SEPARATE = ("Calibration", "ContextLaw", "CoordCheck")
 HOOKS = ("setup", "teardown", "on_fit_start", "on_fit_end", "on_train_start", "on_train_end",
          "on_train_batch_start", "on_train_batch_end", "on_validation_start",
          "on_validation_end", "on_validation_batch_start", "on_validation_batch_end",
@@ -84,12 +87,16 @@ class FitProbe(L.Callback):
             for hook in HOOKS:
                 if getattr(type(callback), hook, None) is getattr(L.Callback, hook, None):
                     continue  # not overridden: nothing runs
-                setattr(callback, hook, self._timed(name, getattr(callback, hook), exclude))
+                setattr(callback, hook,
+                        self._timed(f"{name}.{hook}", getattr(callback, hook), exclude))
         for logger in trainer.loggers:
-            name = f"logger:{type(logger).__name__}"
+            name = type(logger).__name__
             for method in LOGGER_METHODS:
                 if hasattr(logger, method):
-                    setattr(logger, method, self._timed(name, getattr(logger, method), False))
+                    setattr(logger, method,
+                            self._timed(f"{name}.{method}", getattr(logger, method), False))
+        # Every checkpoint write, whichever hook asked for it.
+        trainer.save_checkpoint = self._timed("checkpoint_save", trainer.save_checkpoint, True)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -126,4 +133,5 @@ class FitProbe(L.Callback):
             "callbacks": {key: {"seconds": self.seconds[key], "calls": self.calls[key]}
                           for key in sorted(self.seconds)},
             "global_step": trainer.global_step,
+            "steps": len(intervals),
         }, indent=1))

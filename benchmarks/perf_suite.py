@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/perf_suite.py --quick       # nano, eager, one round: minutes
     .venv/bin/python benchmarks/perf_suite.py               # nano and tiny, fp32/bf16, eager/compiled
     .venv/bin/python benchmarks/perf_suite.py --sizes nano --compile none model --rounds 3
+    .venv/bin/python benchmarks/perf_suite.py --baseline 1c1ac36   # + that revision's fit and loop
 
 Each measurement runs in a fresh process, so that start-up and peak memory are its own:
 
@@ -17,6 +18,10 @@ Each measurement runs in a fresh process, so that start-up and peak memory are i
 - ``raw`` / ``hf``: benchmarks/perf_loop.py, a plain loop over xm2's decoder / over
   ``transformers.LlamaForCausalLM`` of the same shape, with the same data, AdamW settings and
   clipping.
+
+Compiled rows warm up two steps more (the forward and backward graphs compile in the first two;
+"first step s" is that step's own time). ``--baseline REV`` adds the eager ``fit`` and ``raw`` rows
+run with the xm2 code of another git revision, in the same rounds.
 
 Rounds are interleaved (every configuration once per round, in turn) and each figure is the
 median over rounds, so a machine whose load changes shifts all rows alike. MFU is against a
@@ -114,14 +119,26 @@ def fit_config(size: str, dtype: str, compile_mode: str, warmup: int, steps: int
     return path
 
 
-def measure_fit(size: str, dtype: str, compile_mode: str, warmup: int, steps: int) -> dict:
+def environment(code: Path | None, *paths: Path) -> dict:
+    """os.environ with ``paths`` first on PYTHONPATH, and ``code`` (a checkout of another
+    revision) before them: its ``xm2`` and ``callbacks`` packages shadow the installed ones."""
+    entries = [str(p) for p in ((code,) if code else ()) + paths]
+    if os.environ.get("PYTHONPATH"):
+        entries.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(entries)}
+
+
+def measure_fit(size: str, dtype: str, compile_mode: str, warmup: int, steps: int,
+                code: Path | None = None) -> dict:
     recipe_row = (size, dtype, compile_mode) == RECIPE
     with tempfile.TemporaryDirectory(prefix="xm2-perf-") as folder:
         directory = Path(folder)
         config = fit_config(size, dtype, compile_mode, warmup, steps, directory, recipe_row)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-        run = run_process([XM2, "fit", "--config", str(config)], env)
+        env = environment(code, ROOT / "benchmarks")
+        # Another revision: `python -P -m xm2.cli` (what the console script runs; -P keeps the
+        # working directory off sys.path, so the revision's code on PYTHONPATH is imported).
+        program = [PYTHON, "-P", "-m", "xm2.cli"] if code else [XM2]
+        run = run_process([*program, "fit", "--config", str(config)], env)
         probe_path = directory / "probe.json"
         if run["code"] != 0 or not probe_path.is_file():
             raise RuntimeError(f"xm2 fit failed ({run['code']}): {run['stderr'][-3000:]}")
@@ -132,21 +149,23 @@ def measure_fit(size: str, dtype: str, compile_mode: str, warmup: int, steps: in
         "tokens_per_s": tokens_per_step * len(intervals) / sum(intervals),
         "median_step_s": statistics.median(intervals),
         "startup_s": probe["first_step_wall"] - run["launched"],
+        "first_step_s": probe["intervals"][0],
         "peak_rss_mb": run["peak_rss_mb"],
         "steps": len(intervals),
         "callbacks": probe["callbacks"],
         "validation_s": probe["validation_s"],
+        "probe_steps": probe["steps"],
         "recipe_row": recipe_row,
     }
     return result
 
 
 def measure_loop(impl: str, size: str, dtype: str, compile_mode: str, warmup: int,
-                 steps: int) -> dict:
+                 steps: int, code: Path | None = None) -> dict:
     command = [PYTHON, str(ROOT / "benchmarks" / "perf_loop.py"), "--impl", impl, "--size", size,
                "--dtype", dtype, "--compile", compile_mode, "--warmup", str(warmup),
                "--steps", str(steps)]
-    run = run_process(command)
+    run = run_process(command, environment(code))
     lines = [line for line in run["stdout"].splitlines() if line.startswith("{")]
     if run["code"] != 0 or not lines:
         raise RuntimeError(f"perf_loop {impl} failed ({run['code']}): {run['stderr'][-3000:]}")
@@ -172,6 +191,20 @@ def measure_peaks() -> dict[str, float]:
     return json.loads(run["stdout"].strip().splitlines()[-1])
 
 
+def checkout(revision: str) -> Path:
+    """The ``xm2`` and ``callbacks`` packages of a git revision, extracted once into a
+    temporary folder (the repository and its work tree are left as they are)."""
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", revision],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    folder = Path(tempfile.gettempdir()) / f"xm2-perf-baseline-{commit}"
+    if not (folder / "xm2" / "model.py").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "xm2", "callbacks"],
+                                 check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 def median_of(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -193,62 +226,94 @@ def summarise(rows: dict, peaks: list[dict]) -> list[dict]:
             "gflops": tokens * flops / 1e9 if tokens else None,
             "peak_rss_mb": median_of([r.get("peak_rss_mb") for r in results]),
             "startup_s": median_of([r.get("startup_s") for r in results]),
+            "first_step_s": median_of([r.get("first_step_s") for r in results]),
             "batch": f"{BATCH[size]}x{config.max_seq_len}",
         })
     return table
 
 
+PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward",
+                  "on_after_backward", "on_before_optimizer_step", "on_before_zero_grad",
+                  "log_metrics")
+
+
 def overheads(recipe_results: list[dict], consumed_tokens_per_s: float) -> dict:
-    """Validation, analyses and checkpoint saves of the recipe row, projected onto config/nano.yaml
-    (300 steps, 10 validations, 5 checkpoints, each analysis twice)."""
+    """Validation, analyses, checkpoint saves and per-step callback work of the recipe row,
+    projected onto config/nano.yaml: 300 steps, 10 validations, 5 checkpoints, each analysis
+    twice; the share is of the 300 training steps at the measured ``xm2 fit`` rate."""
     tokens_per_step = BATCH["nano"] * architecture("nano").max_seq_len
     training_s = RECIPE_STEPS * tokens_per_step / consumed_tokens_per_s
-    validation = median_of([statistics.median(r["validation_s"]) for r in recipe_results
-                            if r["validation_s"]])
     out = {"recipe_training_s": training_s, "items": {}}
-    if validation is not None:
-        out["items"]["validation"] = {"seconds_each": validation, "times": RECIPE_VALIDATIONS,
-                                      "share": validation * RECIPE_VALIDATIONS / training_s}
-    names = set().union(*(r["callbacks"] for r in recipe_results))
-    for name in sorted(names):
-        records = [r["callbacks"][name] for r in recipe_results if name in r["callbacks"]]
-        seconds = median_of([record["seconds"] for record in records])
-        if name in ("Calibration", "ContextLaw"):
-            each, times = seconds / 2, RECIPE_ANALYSES  # decay start and end, both in the run
-        elif name == "ModelCheckpoint":
-            each, times = seconds / 2, RECIPE_CHECKPOINTS  # one save mid-run and one at the end
-        else:  # per-step work, already inside the measured tokens/s
-            steps = recipe_results[0]["steps"] + STEPS["nano"][0]
-            each, times = seconds / steps, RECIPE_STEPS
-        out["items"][name] = {"seconds_each": each, "times": times,
-                              "share": each * times / training_s}
+
+    def add(name, values, times, kind):
+        each = median_of(values)
+        if each is not None:
+            out["items"][name] = {"seconds_each": each, "times": times, "kind": kind,
+                                  "share": each * times / training_s}
+
+    add("validation", [statistics.median(r["validation_s"]) for r in recipe_results
+                       if r["validation_s"]], RECIPE_VALIDATIONS, "separate")
+    add("checkpoint save", [r["callbacks"]["checkpoint_save"]["seconds"]
+                            / r["callbacks"]["checkpoint_save"]["calls"]
+                            for r in recipe_results if "checkpoint_save" in r["callbacks"]],
+        RECIPE_CHECKPOINTS, "separate")
+    for analysis in ("Calibration", "ContextLaw"):
+        # Both runs (decay start, end) are in the measured fit.
+        add(analysis, [sum(v["seconds"] for k, v in r["callbacks"].items()
+                           if k.startswith(analysis + ".")) / RECIPE_ANALYSES
+                       for r in recipe_results], RECIPE_ANALYSES, "separate")
+    names = {key.split(".")[0] for r in recipe_results for key in r["callbacks"]}
+    for name in sorted(names - {"Calibration", "ContextLaw", "checkpoint_save"}):
+        per_step = []
+        for r in recipe_results:
+            seconds = sum(v["seconds"] for k, v in r["callbacks"].items()
+                          if k.split(".")[0] == name and k.split(".")[-1] in PER_STEP_HOOKS)
+            if name == "ModelCheckpoint":  # its writes are a line of their own
+                seconds = max(0.0, seconds - r["callbacks"].get("checkpoint_save",
+                                                                {"seconds": 0})["seconds"])
+            per_step.append(seconds / r["probe_steps"])
+        once = [sum(v["seconds"] for k, v in r["callbacks"].items()
+                    if k.split(".")[0] == name and k.split(".")[-1] not in PER_STEP_HOOKS)
+                for r in recipe_results]
+        add(f"{name} (per step, inside tokens/s)", per_step, RECIPE_STEPS, "per step")
+        if median_of(once):
+            add(f"{name} (setup and end)", once, 1, "once")
     return out
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| size | dtype | compile | impl | tokens/s | MFU | GFLOP/s | peak RSS MB | start-up s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | dtype | compile | impl | tokens/s | MFU | GFLOP/s | peak RSS MB "
+             "| start-up s | first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(table, key=lambda r: (r["size"], r["dtype"], r["compile"], r["impl"])):
         lines.append(
             f"| {row['size']} | {row['dtype']} | {row['compile']} | {row['impl']} | "
             f"{row['tokens_per_s']:,.0f} | {row['mfu']:.0%} | {row['gflops']:.0f} | "
-            f"{row['peak_rss_mb']:,.0f} | {row['startup_s']:.1f} |")
+            f"{row['peak_rss_mb']:,.0f} | {row['startup_s']:.1f} | {row['first_step_s']:.1f} |")
     return "\n".join(lines)
 
 
-def ratios(table: list[dict]) -> list[dict]:
-    """fit/raw and xm2 (raw)/transformers per (size, dtype, compile)."""
+def ratios(table: list[dict], baseline: str | None = None) -> list[dict]:
+    """fit/raw and xm2 (raw)/transformers per (size, dtype, compile); with a baseline revision,
+    also this code's fit and raw loop against that revision's."""
     index = {(r["impl"], r["size"], r["dtype"], r["compile"]): r["tokens_per_s"] for r in table}
     out = []
     for (impl, size, dtype, compile_mode), tokens in sorted(index.items()):
         if impl != "raw":
             continue
-        fit, hf = index.get(("fit", size, dtype, compile_mode)), index.get(("hf", size, dtype, compile_mode))
-        hf_eager = index.get(("hf", size, dtype, "none"))
-        out.append({"size": size, "dtype": dtype, "compile": compile_mode,
-                    "fit_over_raw": fit / tokens if fit else None,
-                    "xm2_over_hf": tokens / hf if hf else None,
-                    "xm2_over_hf_eager": tokens / hf_eager if hf_eager else None})
+
+        def get(name, compile_mode=compile_mode, size=size, dtype=dtype):
+            return index.get((name, size, dtype, compile_mode))
+
+        fit, hf, hf_eager = get("fit"), get("hf"), get("hf", "none")
+        row = {"size": size, "dtype": dtype, "compile": compile_mode,
+               "fit_over_raw": fit / tokens if fit else None,
+               "xm2_over_hf": tokens / hf if hf else None,
+               "xm2_over_hf_eager": tokens / hf_eager if hf_eager else None}
+        if baseline:
+            base_fit, base_raw = get(f"fit@{baseline}", "none"), get(f"raw@{baseline}", "none")
+            row["fit_over_baseline_fit_eager"] = fit / base_fit if fit and base_fit else None
+            row["raw_over_baseline_raw_eager"] = tokens / base_raw if base_raw else None
+        out.append(row)
     return out
 
 
@@ -263,18 +328,26 @@ def main() -> None:
     parser.add_argument("--impls", nargs="+", default=["fit", "raw", "hf"],
                         choices=["fit", "raw", "hf"])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("WARMUP", "TIMED"), default=None,
+                        help="warm-up and timed steps of every size (default: nano 3 8, tiny 2 4)")
+    parser.add_argument("--baseline", default=None, metavar="REV",
+                        help="also run the eager fit and raw rows with the xm2 code of this git "
+                             "revision (e.g. the commit before the performance work), "
+                             "interleaved with the others: before/after on the same machine")
     parser.add_argument("--skip_data", action="store_true",
                         help="skip the data pipeline, tokenizer and shard measurements")
     parser.add_argument("--output", default=str(ROOT / "artifacts" / "benchmarks" / "perf.json"))
     args = parser.parse_args()
     if args.quick:
         args.sizes, args.compile, args.rounds = ["nano"], ["none"], 1
-    steps = {size: (max(1, w // 2), max(2, s // 2)) if args.quick else (w, s)
+    steps = {size: tuple(args.steps) if args.steps else
+             (max(1, w // 2), max(2, s // 2)) if args.quick else (w, s)
              for size, (w, s) in STEPS.items()}
     (ROOT / "artifacts" / "benchmarks").mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     started = time.time()
 
+    baseline = checkout(args.baseline) if args.baseline else None
     rows: dict[tuple, list[dict]] = {}
     peaks = []
     for round_index in range(args.rounds):
@@ -282,15 +355,23 @@ def main() -> None:
         print(f"round {round_index + 1}/{args.rounds}: peak fp32 {peaks[-1]['fp32'] / 1e9:.0f}, "
               f"bf16 {peaks[-1]['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
         for size in args.sizes:
-            warmup, timed = steps[size]
             for compile_mode in args.compile:
+                warmup, timed = steps[size]
+                # Compiled: the first two steps compile the forward and the backward graphs.
+                warmup += 2 if compile_mode != "none" else 0
                 for dtype in args.dtypes:
-                    for impl in args.impls:
+                    runs = [(impl, None) for impl in args.impls]
+                    if baseline and compile_mode == "none":
+                        runs += [(f"{impl}@{args.baseline}", baseline) for impl in args.impls
+                                 if impl in ("fit", "raw")]
+                    for impl, code in runs:
                         key = (impl, size, dtype, compile_mode)
+                        kind = impl.split("@")[0]
                         try:
-                            result = (measure_fit(size, dtype, compile_mode, warmup, timed)
-                                      if impl == "fit" else
-                                      measure_loop(impl, size, dtype, compile_mode, warmup, timed))
+                            result = (measure_fit(size, dtype, compile_mode, warmup, timed, code)
+                                      if kind == "fit" else
+                                      measure_loop(kind, size, dtype, compile_mode, warmup, timed,
+                                                   code))
                         except RuntimeError as error:
                             print(f"  {key}: FAILED {error}", flush=True)
                             continue
@@ -309,7 +390,8 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "peak_flops": peaks,
         "rows": table,
-        "ratios": ratios(table),
+        "ratios": ratios(table, args.baseline),
+        "baseline": args.baseline,
     }
     try:
         import torch
@@ -346,13 +428,17 @@ def main() -> None:
             return "-" if value is None else f"{value:.3f}"
         print(f"{ratio['size']} {ratio['dtype']} compile={ratio['compile']}: fit/raw "
               f"{fmt(ratio['fit_over_raw'])}, xm2/transformers {fmt(ratio['xm2_over_hf'])}"
-              f" (against transformers eager {fmt(ratio['xm2_over_hf_eager'])})")
+              f" (against transformers eager {fmt(ratio['xm2_over_hf_eager'])})"
+              + (f"; against {args.baseline} eager: fit "
+                 f"{fmt(ratio['fit_over_baseline_fit_eager'])}, raw "
+                 f"{fmt(ratio['raw_over_baseline_raw_eager'])}" if args.baseline else ""))
     if "overheads" in report:
         print(f"\nrecipe overheads (projected onto config/nano.yaml, training "
               f"{report['overheads']['recipe_training_s']:.0f} s):")
         for name, item in report["overheads"]["items"].items():
-            print(f"  {name}: {item['seconds_each']:.3f} s × {item['times']} = "
-                  f"{item['share']:.2%}")
+            if item["seconds_each"] >= 0.0005:
+                print(f"  {name}: {item['seconds_each']:.3f} s × {item['times']} = "
+                      f"{item['share']:.2%}")
     if "data" in report:
         print("\ndata:", json.dumps(report["data"], indent=1))
     print(f"\nwrote {args.output} ({report['seconds']:.0f} s; load average before "
