@@ -19,6 +19,7 @@ import gzip
 import importlib.util
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,36 +85,42 @@ def _gold_index(value, choices: list[str], where: str) -> int:
                      f"A..{chr(ord('A') + len(choices) - 1)} or the text of one of the choices")
 
 
-def read_items(path: str | Path) -> list[MultipleChoiceItem]:
-    """Read a multiple-choice JSONL file (``.jsonl`` or ``.jsonl.gz``)."""
-    path = Path(path)
+def _jsonl_records(path: Path, what: str) -> Iterator[tuple[str, object]]:
+    """Each non-blank line of a JSONL file (``.jsonl`` or ``.jsonl.gz``) parsed, with where it
+    stands (``<path> line <n>``) for error messages; ``what`` names the file in them."""
     if not path.is_file():
-        raise FileNotFoundError(f"multiple-choice file {path} does not exist")
+        raise FileNotFoundError(f"{what} file {path} does not exist")
     opener = gzip.open if path.suffix == ".gz" else open
-    items = []
     with opener(path, "rt", encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             where = f"{path} line {number}"
             try:
-                record = json.loads(line)
+                yield where, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not JSON: {error}") from error
-            missing = [key for key in ("question", "choices", "gold") if key not in record]
-            if not isinstance(record, dict) or missing:
-                raise ValueError(f"{where} lacks {missing}; each line needs question (text), "
-                                 "choices (list of texts) and gold (index, letter or text)")
-            choices = record["choices"]
-            if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
-                raise ValueError(f"{where}: choices={choices!r} must be a list of texts")
-            try:
-                items.append(MultipleChoiceItem(str(record["question"]), tuple(choices),
-                                                _gold_index(record["gold"], choices, where),
-                                                str(record.get("subject", "")),
-                                                str(record.get("context", ""))))
-            except ValueError as error:
-                raise ValueError(f"{where}: {error}") from error
+
+
+def read_items(path: str | Path) -> list[MultipleChoiceItem]:
+    """Read a multiple-choice JSONL file (``.jsonl`` or ``.jsonl.gz``)."""
+    path = Path(path)
+    items = []
+    for where, record in _jsonl_records(path, "multiple-choice"):
+        missing = [key for key in ("question", "choices", "gold") if key not in record]
+        if not isinstance(record, dict) or missing:
+            raise ValueError(f"{where} lacks {missing}; each line needs question (text), "
+                             "choices (list of texts) and gold (index, letter or text)")
+        choices = record["choices"]
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise ValueError(f"{where}: choices={choices!r} must be a list of texts")
+        try:
+            items.append(MultipleChoiceItem(str(record["question"]), tuple(choices),
+                                            _gold_index(record["gold"], choices, where),
+                                            str(record.get("subject", "")),
+                                            str(record.get("context", ""))))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
     if not items:
         raise ValueError(f"multiple-choice file {path} holds no items")
     return items
@@ -163,23 +170,13 @@ def read_records(path: str | Path, required: tuple[str, ...] = ()) -> list[dict]
     """The JSON objects of a JSONL file (``.jsonl`` or ``.jsonl.gz``), each checked for the
     ``required`` fields."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation file {path} does not exist")
-    opener = gzip.open if path.suffix == ".gz" else open
     records = []
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not JSON: {error}") from error
-            missing = [key for key in required if not isinstance(record, dict) or key not in record]
-            if missing:
-                raise ValueError(f"{path} line {number} lacks {missing}; each line needs "
-                                 f"{', '.join(required)} (see data/eval/CARD.md)")
-            records.append(record)
+    for where, record in _jsonl_records(path, "evaluation"):
+        missing = [key for key in required if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ValueError(f"{where} lacks {missing}; each line needs "
+                             f"{', '.join(required)} (see data/eval/CARD.md)")
+        records.append(record)
     if not records:
         raise ValueError(f"evaluation file {path} holds no records")
     return records
