@@ -21,12 +21,10 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from xm2.errors import CheckpointError
+
 PARTIAL_PREFIX, PARTIAL_SUFFIX = ".", ".partial"
 SHARDED_METADATA = "meta.pt"  # Lightning's name for a sharded checkpoint's non-tensor state
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that must not be used: damaged, mismatched, or not where it was looked for."""
 
 
 def record_path(path: str | Path) -> Path:

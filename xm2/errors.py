@@ -1,9 +1,13 @@
-"""Errors a person can act on, and how the ``xm2`` command prints them.
+"""Every error xm2 raises on purpose, and how the ``xm2`` command prints them.
 
 xm2 checks configurations and data files early and says what is wrong in one sentence: which key
-or file, the bad value, what is allowed or which command fixes it. Such an error is printed as one
-line (``xm2: error: ...``) without a traceback; anything unexpected keeps its traceback.
-``XM2_TRACEBACK=1`` shows the traceback of every error.
+or file, the bad value, what is allowed or which command fixes it. Such an error is an
+:class:`Xm2Error` and is printed as one line (``xm2: error: ...``) without a traceback. Whether an
+error is printed so is decided by its type alone: any other exception is a bug, or a failure xm2
+did not foresee, and keeps its traceback. ``XM2_TRACEBACK=1`` shows the traceback of every error.
+
+Each kind also derives from the built-in type a Python caller would expect (a bad value is a
+``ValueError``, a missing file a ``FileNotFoundError``), so ``except ValueError`` keeps working.
 
 This module imports nothing heavy: the command's start-up and its error path stay fast.
 """
@@ -11,41 +15,44 @@ This module imports nothing heavy: the command's start-up and its error path sta
 from __future__ import annotations
 
 import sys
-import traceback
-from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 TRACEBACK_VARIABLE = "XM2_TRACEBACK"
 
 
-class ConfigError(ValueError):
-    """A configuration value or data file that xm2 cannot use; the message says how to fix it."""
+class Xm2Error(Exception):
+    """An error a person can act on; the message says what is wrong and how to fix it."""
 
 
-# Raised on purpose by xm2 with a complete message, whatever module they come from.
-_XM2_ERROR_TYPES = (
-    ("xm2.errors", "ConfigError"),
-    ("xm2.checkpoint", "CheckpointError"),
-    ("xm2.module", "NonFiniteLossError"),
-)
-# Built-in types xm2's own checks raise (ValueError for a bad value, FileNotFoundError for a
-# missing file, ...): they are the user's to fix when xm2's code raised them, and a bug otherwise.
-_CHECK_TYPES = (ValueError, OSError)
+class ConfigError(Xm2Error, ValueError):
+    """A configuration value, option or input that xm2 cannot use."""
 
 
-def _is_xm2_error_type(error: BaseException) -> bool:
-    for module, name in _XM2_ERROR_TYPES:
-        # A type whose module was never imported cannot be the error's type: no import needed.
-        loaded = sys.modules.get(module)
-        if loaded is not None and isinstance(error, getattr(loaded, name)):
-            return True
-    return False
+class DataError(Xm2Error, ValueError):
+    """A data file (corpus, shard, evaluation set, backlog, journal) that is damaged or unreadable."""
 
 
-def _raised_by_xm2(error: BaseException) -> bool:
-    """Whether the innermost frame of the error's traceback is xm2's own code."""
-    frames = traceback.extract_tb(error.__traceback__) if error.__traceback__ else []
-    return bool(frames) and Path(frames[-1].filename).resolve().is_relative_to(PACKAGE_DIR)
+class MissingFileError(Xm2Error, FileNotFoundError):
+    """A file or folder that the command needs does not exist."""
+
+
+class CheckpointError(Xm2Error, ValueError):
+    """A checkpoint that cannot be used for what was asked (damaged, unsafe, incompatible)."""
+
+
+class TrackingError(Xm2Error, RuntimeError):
+    """The MLflow tracking server or store cannot be reached or written."""
+
+
+class TrainingDiverged(Xm2Error, RuntimeError):
+    """A training run stopped because its loss stopped being finite or exploded."""
+
+
+class NonFiniteLossError(TrainingDiverged):
+    """The loss or the gradients were NaN/inf for more steps in a row than allowed."""
+
+
+class EnvironmentProblem(Xm2Error, RuntimeError):
+    """The machine lacks what the command needs (a package, a kernel feature, disk space)."""
 
 
 def _chain(error: BaseException):
@@ -65,11 +72,9 @@ def user_error(error: BaseException) -> BaseException | None:
     """
     found = None
     for link in _chain(error):
-        if _is_xm2_error_type(link) or (isinstance(link, _CHECK_TYPES) and _raised_by_xm2(link)):
+        if isinstance(link, Xm2Error):
             found = link
-    if found is None:
-        found = _tracking_failure(error)
-    return found
+    return found if found is not None else _tracking_failure(error)
 
 
 def _tracking_failure(error: BaseException) -> BaseException | None:
@@ -82,9 +87,9 @@ def _tracking_failure(error: BaseException) -> BaseException | None:
                 url = message.removeprefix("API request to ").split(" failed with")[0]
                 # MLflow names the full URL, or only the endpoint when the request never left.
                 where = f"at {url}" if url.startswith("http") else f"({message[:300]})"
-                return ConfigError(f"the MLflow tracking server does not answer {where}; start "
-                                   "it, or log to a local store with --trainer.logger.init_args."
-                                   "tracking_uri sqlite:///mlflow.db")
+                return TrackingError(f"the MLflow tracking server does not answer {where}; start "
+                                     "it, or log to a local store with --trainer.logger.init_args."
+                                     "tracking_uri sqlite:///mlflow.db")
     return None
 
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from xm2.checkpoint import CheckpointError
 from xm2.config import ModelConfig
+from xm2.errors import CheckpointError, NonFiniteLossError
 from xm2.model import Decoder
 from xm2.optimizer import OptimizerConfig, build_adamw
 from xm2.parallel import ParallelConfig
@@ -23,10 +23,6 @@ from xm2.tracking import run_identity
 
 # Skipping steps can hide a run that has gone bad for good: stop after this many in a row.
 MAX_CONSECUTIVE_SKIPPED_STEPS = 10
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
 
 
 class Xm2Module(L.LightningModule):
