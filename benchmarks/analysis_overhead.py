@@ -25,12 +25,12 @@ import torch
 import yaml
 
 from xm2.analysis.context_law import fit_power_law, per_position_loss, text_windows
-from xm2.analysis.eval_data import load_eval_set
 from xm2.analysis.flops import measure_peak_flops
 from xm2.analysis.multiple_choice import evaluate_multiple_choice
 from xm2.config import ModelConfig
 from xm2.data.corpus import read_documents
 from xm2.data.datamodule import DEFAULT_STABLE
+from xm2.data.eval_sets import load_eval_set
 from xm2.data.mixture import MixtureBatches, PackedRows
 from xm2.data.shards import open_shard, shard_dir
 from xm2.data.tokenizer import EOS_ID, default_tokenizer_path, load_tokenizer

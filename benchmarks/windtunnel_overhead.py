@@ -1,10 +1,10 @@
 """What the wind tunnel costs beyond training: per trial, and per study.
 
 Runs a real miniature study (a 2-layer, 64-wide model, ``--steps`` steps of 4 × 32 tokens per
-trial) with ``xm2.studies.windtunnel.windtunnel`` into a temporary journal file and MLflow store,
-then splits each trial's wall time into the time inside ``Trainer.fit`` and the rest (config
-parsing and instantiation through the ``xm2 fit`` parser), and the study's wall time into trials
-and the rest (Optuna storage, MLflow parent, figures and best.yaml).
+trial) with ``xm2.studies.windtunnel.command.windtunnel`` into a temporary journal file and
+MLflow store, then splits each trial's wall time into the time inside ``Trainer.fit`` and the
+rest (config parsing and instantiation through the ``xm2 fit`` parser), and the study's wall
+time into trials and the rest (Optuna storage, MLflow parent, figures and best.yaml).
 
     .venv/bin/python benchmarks/windtunnel_overhead.py --trials 6 --steps 8
 """
@@ -31,7 +31,8 @@ def main() -> None:
     from xm2.data.corpus import source_names
     from xm2.data.shards import write_shards
     from xm2.data.tokenizer import train_tokenizer
-    from xm2.studies.windtunnel import Pruner, Runs, Sampler, windtunnel
+    from xm2.studies.windtunnel.command import windtunnel
+    from xm2.studies.windtunnel.settings import Pruner, Runs, Sampler
 
     corpus = ROOT / "data" / "corpus"
     with tempfile.TemporaryDirectory() as folder:

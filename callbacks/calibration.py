@@ -8,12 +8,13 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from xm2.analysis import artifacts
 from xm2.analysis.calibration import calibration_report, plot_reliability
-from xm2.analysis.eval_data import load_eval_set
 from xm2.analysis.multiple_choice import FORMATS, evaluate_multiple_choice
 from xm2.checkpoint import read_record
+from xm2.data.eval_sets import load_eval_set
 from xm2.data.tokenizer import EOS_ID, load_tokenizer
+from xm2.errors import ConfigError
+from xm2.tracking.record import record_figure, record_json, record_metrics
 
 
 class AnalysisSchedule(L.Callback):
@@ -26,7 +27,7 @@ class AnalysisSchedule(L.Callback):
     def __init__(self, every_n_steps: int | None = None, at_decay_start: bool = True,
                  at_end: bool = True) -> None:
         if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 (or null for never)")
+            raise ConfigError(f"every_n_steps={every_n_steps} must be >= 1 (or null for never)")
         self.every_n_steps, self.at_decay_start, self.at_end = every_n_steps, at_decay_start, at_end
         self._last_step: int | None = None
 
@@ -77,13 +78,6 @@ def checkpoint_step(trainer) -> int:
     return int(checkpoint.get("global_step", trainer.global_step))
 
 
-def log_metrics(trainer, metrics: dict[str, float], step: int) -> None:
-    # Straight to the loggers, keyed by the global step: self.log would wait for the next
-    # log_every_n_steps boundary and cannot log from on_train_end.
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
-
-
 class Calibration(AnalysisSchedule):
     """Accuracy, ECE, MCE, Brier score and a reliability diagram of multiple-choice sets.
 
@@ -126,12 +120,12 @@ class Calibration(AnalysisSchedule):
         for task in tasks:
             name, _, format = task.rpartition(":")
             if not name or format not in FORMATS:
-                raise ValueError(f"calibration task {task!r}; allowed: <set>:<format> with format "
-                                 f"one of {', '.join(FORMATS)}, e.g. mmlu:letter")
+                raise ConfigError(f"calibration task {task!r}; allowed: <set>:<format> with format "
+                                  f"one of {', '.join(FORMATS)}, e.g. mmlu:letter")
             self.tasks.append((name, format))
         if shots < 0 or n_bins < 1 or batch_size < 1:
-            raise ValueError(f"calibration shots={shots} must be >= 0, n_bins={n_bins} and "
-                             f"batch_size={batch_size} >= 1")
+            raise ConfigError(f"calibration shots={shots} must be >= 0, n_bins={n_bins} and "
+                              f"batch_size={batch_size} >= 1")
         self.limit, self.subjects, self.shots, self.n_bins = limit, subjects, shots, n_bins
         self.data_dir, self.batch_size = data_dir, batch_size
         self._items: dict[str, list] = {}
@@ -153,13 +147,14 @@ class Calibration(AnalysisSchedule):
             report = calibration_report(result.probabilities, result.gold, self.n_bins)
             seconds = time.perf_counter() - started
             key = f"calibration/{Path(name).name.split('.')[0]}_{format}"
-            log_metrics(trainer, {f"{key}/{k}": v for k, v in report.metrics().items()}
-                        | {f"{key}/seconds": seconds}, step)
+            # Keyed by the step analysed: self.log would wait for the next log_every_n_steps
+            # boundary and cannot log from on_train_end.
+            record_metrics(trainer, {f"{key}/{k}": v for k, v in report.metrics().items()}
+                           | {f"{key}/seconds": seconds}, step)
+            record_json(trainer, {"step": step, "set": name, "format": format,
+                                  "shots": self.shots, **report.to_dict()},
+                        f"{key}/step{step:06d}.json")
             if trainer.is_global_zero:
-                for logger in trainer.loggers:
-                    artifacts.log_json(logger, {"step": step, "set": name, "format": format,
-                                                "shots": self.shots, **report.to_dict()},
-                                       f"{key}/step{step:06d}.json")
-                    artifacts.log_figure(logger, plot_reliability(
-                        report, f"{name} ({format}, {self.shots}-shot) at step {step}"),
-                        f"{key}/step{step:06d}.png")
+                record_figure(trainer, plot_reliability(
+                    report, f"{name} ({format}, {self.shots}-shot) at step {step}"),
+                    f"{key}/step{step:06d}.png")

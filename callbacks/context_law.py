@@ -7,8 +7,7 @@ import warnings
 
 import numpy as np
 
-from callbacks.calibration import AnalysisSchedule, log_metrics
-from xm2.analysis import artifacts
+from callbacks.calibration import AnalysisSchedule
 from xm2.analysis.context_law import (
     PowerLawFitWarning,
     fit_power_law,
@@ -19,6 +18,8 @@ from xm2.analysis.context_law import (
 )
 from xm2.data.corpus import read_documents
 from xm2.data.tokenizer import load_tokenizer
+from xm2.errors import ConfigError
+from xm2.tracking.record import record_csv, record_figure, record_json, record_metrics
 
 
 class ContextLaw(AnalysisSchedule):
@@ -56,8 +57,8 @@ class ContextLaw(AnalysisSchedule):
         """
         super().__init__(every_n_steps, at_decay_start, at_end)
         if max_windows < 2 or n_bins < 4 or batch_size < 1:
-            raise ValueError(f"context law max_windows={max_windows} must be >= 2, n_bins={n_bins} "
-                             f">= 4 and batch_size={batch_size} >= 1")
+            raise ConfigError(f"context law max_windows={max_windows} must be >= 2, "
+                              f"n_bins={n_bins} >= 4 and batch_size={batch_size} >= 1")
         self.text_file, self.source = text_file, source
         self.max_windows, self.n_bins, self.batch_size = max_windows, n_bins, batch_size
         self._windows = None
@@ -95,7 +96,7 @@ class ContextLaw(AnalysisSchedule):
         metrics |= {"context_law/loss_first": float(loss[0]), "context_law/loss_last": float(loss[-1]),
                     "context_law/fit_ok": float(fit.ok),
                     "context_law/seconds": time.perf_counter() - started}
-        log_metrics(trainer, metrics, step)
+        record_metrics(trainer, metrics, step)
         if not trainer.is_global_zero:
             return
         t = np.arange(1, len(loss) + 1)
@@ -103,11 +104,10 @@ class ContextLaw(AnalysisSchedule):
         rows = [{"t": int(i), "loss": float(v), "sem": float(s), "fit": float(f)}
                 for i, v, s, f in zip(t, loss, sem, fitted, strict=True)]
         source = self.text_file or f"{self.source} (held-out split)"
-        for logger in trainer.loggers:
-            artifacts.log_csv(logger, rows, f"context_law/step{step:06d}.csv")
-            artifacts.log_json(logger, {"step": step, "text": source, "windows": len(windows),
-                                        **fit.metrics(), "warnings": fit.warnings},
-                               f"context_law/step{step:06d}.json")
-            artifacts.log_figure(logger, plot_context_law(
-                loss, fit, f"L(t) on {source}, {len(windows)} windows, step {step}"),
-                f"context_law/step{step:06d}.png")
+        record_csv(trainer, rows, f"context_law/step{step:06d}.csv")
+        record_json(trainer, {"step": step, "text": source, "windows": len(windows),
+                              **fit.metrics(), "warnings": fit.warnings},
+                    f"context_law/step{step:06d}.json")
+        record_figure(trainer, plot_context_law(
+            loss, fit, f"L(t) on {source}, {len(windows)} windows, step {step}"),
+            f"context_law/step{step:06d}.png")

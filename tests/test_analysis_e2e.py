@@ -13,8 +13,8 @@ from tests.conftest import ROOT
 from tests.test_analysis import assert_batched_scoring_equals_direct
 from tests.test_cli import smoke_args, xm2
 from tests.test_notebooks import execute, images, outputs
-from xm2.analysis.eval_data import load_eval_set
 from xm2.config import ModelConfig
+from xm2.data.eval_sets import load_eval_set
 from xm2.data.tokenizer import load_tokenizer
 from xm2.model import Decoder
 

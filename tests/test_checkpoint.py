@@ -13,7 +13,6 @@ import torch
 from tests.conftest import CORPUS, ROOT
 from xm2 import resume
 from xm2.checkpoint import (
-    CheckpointError,
     VerifiedCheckpointIO,
     check_writable,
     find_last_checkpoint,
@@ -25,6 +24,7 @@ from xm2.checkpoint import (
     verify_checkpoint,
 )
 from xm2.data.tokenizer import train_tokenizer
+from xm2.errors import CheckpointError, ConfigError
 
 
 def checkpoint(step: int, size: int = 1000) -> dict:
@@ -104,7 +104,8 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint_and_orphans_are_clea
 
 FILL_THE_DISK = """
 import resource, signal, sys, torch
-from xm2.checkpoint import CheckpointError, save_checkpoint_file
+from xm2.checkpoint import save_checkpoint_file
+from xm2.errors import CheckpointError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))  # a disk with 1 MB free
 try:
@@ -145,7 +146,7 @@ def test_training_a_tokenizer_never_overwrites_a_different_one(tmp_path):
     train_tokenizer(512, CORPUS, output, max_lines=3000)
     before = output.read_bytes()
     assert train_tokenizer(512, CORPUS, output, max_lines=3000) == output  # same one: no-op
-    with pytest.raises(FileExistsError, match=f"tokenizer {output} exists"):
+    with pytest.raises(ConfigError, match=f"tokenizer {output} exists"):
         train_tokenizer(512, CORPUS, output, max_lines=2000)
     assert output.read_bytes() == before
     train_tokenizer(512, CORPUS, output, max_lines=2000, overwrite=True)

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from tests.conftest import ROOT
 from tests.test_cli import xm2
-from xm2.analysis.eval_data import (
+from xm2.data.eval_sets import (
     GENERATION_FIELDS,
     LICENCES,
     MultipleChoiceItem,
@@ -196,7 +196,7 @@ def test_code_tasks_run_in_the_sandbox_only_with_opt_in(tracked_checkpoint, tmp_
 
 
 def test_bbh_runs_from_a_copy_of_ones_own(tracked_checkpoint, tmp_path):
-    from xm2.analysis.eval_data import write_records
+    from xm2.data.eval_sets import write_records
     from xm2.eval import suite
 
     records = [{"input": f"not ( {a} ) is", "target": str(not a), "subject": "boolean_expressions"}
@@ -250,7 +250,7 @@ def test_evaluate_command_logs_the_table_and_every_score(tracked_checkpoint, tmp
     row = report["checkpoints"][0]
     assert row["global_step"] == 12 and row["tasks"]["sciq"]["status"] == "skipped"
     assert row["averages"]["commonsense"]["tasks_ran"] == 3
-    from xm2.eval.suite import markdown_table, rows_from_report
+    from xm2.eval.results import markdown_table, rows_from_report
 
     # The table prints again from the JSON, chance row and notes included.
     assert markdown_table(rows_from_report(report)) in printed and "| *chance* | *" in printed

@@ -28,7 +28,8 @@ from xm2.data.tokenizer import file_digest, load_tokenizer
 from xm2.errors import ConfigError
 from xm2.eval.generate import generate_ids
 from xm2.eval.load import load_checkpoint_model
-from xm2.interop.hf import export_hf, import_hf
+from xm2.interop.hf_export import export_hf
+from xm2.interop.hf_import import import_hf
 from xm2.model import Decoder
 
 # µP with m = 2 (hidden 64 over base 32), GQA, and every multiplier away from 1.

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from tests.conftest import ROOT
-from xm2.analysis.eval_data import read_items
 from xm2.analysis.multiple_choice import item_requests
+from xm2.data.eval_sets import read_items
 from xm2.data.tokenizer import EOS_ID
 from xm2.eval.generate import generate
 from xm2.eval.lm_eval import (

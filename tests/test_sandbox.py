@@ -221,7 +221,7 @@ def test_output_and_exit_codes_are_reported():
     failed = execute("def f():\n    assert 1 + 1 == 3\nf()\n")
     assert (failed.status, failed.returncode) == ("failed", 1)
     # The traceback names the program's lines, not the sandbox's own code.
-    assert 'main.py", line 3' in failed.stderr and "<string>" not in failed.stderr
+    assert 'main.py", line 3' in failed.stderr and "sandbox_child" not in failed.stderr
     assert execute("import sys\nsys.exit(3)").reason == "exit code 3"
     assert execute("def f(:\n").status == "failed"  # a syntax error is the program's fault
 

@@ -5,6 +5,7 @@ and a real MLflow store: end to end, killed and resumed, two workers on one stor
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,18 +19,11 @@ from optuna.trial import TrialState
 
 from tests.conftest import CORPUS, ROOT
 from xm2.cli import main
-from xm2.studies.windtunnel import (
-    Dimension,
-    Runs,
-    Sampler,
-    SearchSpace,
-    load_recipe,
-    make_sampler,
-    open_storage,
-    run_shape,
-    shortened,
-    windtunnel,
-)
+from xm2.errors import ConfigError, MissingFileError
+from xm2.studies.windtunnel.command import windtunnel
+from xm2.studies.windtunnel.recipe import load_recipe, run_shape, shortened
+from xm2.studies.windtunnel.settings import Dimension, Pruner, Runs, Sampler, SearchSpace
+from xm2.studies.windtunnel.study import fail_stale_trials, make_sampler, open_storage
 
 EXPERIMENT = "wt-test"
 PLANTED_LR = 100.0  # diverges within a step or two
@@ -72,8 +66,6 @@ def mini_settings(tmp_path: Path, tokenizer_path: Path, shards: Path, **changes)
 
 def as_arguments(settings: dict) -> dict:
     """The settings as the Python arguments of ``windtunnel`` (dataclasses, tuples)."""
-    from xm2.studies.windtunnel import Pruner
-
     proxy = dict(settings["proxy"], configs=tuple(settings["proxy"]["configs"]))
     return {**settings, "proxy": Runs(**proxy), "sampler": Sampler(**settings["sampler"]),
             "pruner": Pruner(**settings["pruner"])}
@@ -110,7 +102,7 @@ def children(settings: dict) -> list:
     (Dimension(low=0, high=1, log=True), "low > 0"),
 ])
 def test_an_ill_formed_dimension_is_refused_by_name(dimension, message):
-    with pytest.raises(ValueError, match=message) as error:
+    with pytest.raises(ConfigError, match=message) as error:
         dimension.distribution("lr")
     assert "space.lr" in str(error.value)
 
@@ -122,7 +114,7 @@ def test_the_default_space_is_the_papers_and_an_empty_one_is_refused():
     assert space["dim_model_base"].choices == (32, 64, 128, 256, 512, 1024)
     assert (space["scale_depth"].low, space["scale_depth"].high) == (1.0, 5.0)
     assert space["lr"].log and (space["lr"].low, space["lr"].high) == (0.001, 0.1)
-    with pytest.raises(ValueError, match="space is empty"):
+    with pytest.raises(ConfigError, match="space is empty"):
         SearchSpace(None, None, None, None, None).distributions()
 
 
@@ -143,16 +135,16 @@ def test_a_trial_is_the_recipe_shortened_to_the_token_budget():
     assert "lightning.pytorch.callbacks.ModelCheckpoint" not in kept
     assert "lightning.pytorch.callbacks.LearningRateMonitor" in kept
     assert recipe["trainer"]["max_steps"] == 300  # the recipe itself is untouched
-    with pytest.raises(FileNotFoundError, match="no/such.yaml"):
+    with pytest.raises(MissingFileError, match="no/such.yaml"):
         load_recipe(Runs(configs=("no/such.yaml",)))
 
 
 def test_transfer_refuses_a_study_that_does_not_exist(tmp_path):
-    with pytest.raises(ValueError, match="no study 'absent'.*run the search first"):
+    with pytest.raises(ConfigError, match="no study 'absent'.*run the search first"):
         windtunnel(name="absent", action="transfer", output_dir=str(tmp_path),
                    proxy=Runs(configs=(str(ROOT / "config" / "nano.yaml"),)),
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    with pytest.raises(ValueError, match="action='fit'; allowed: search, transfer, summary"):
+    with pytest.raises(ConfigError, match="action='fit'; allowed: search, transfer, summary"):
         windtunnel(action="fit")
 
 
@@ -175,6 +167,30 @@ def test_trial_n_is_proposed_with_seed_plus_n_whatever_the_process(kind):
     uninterrupted = proposals(finished_before_restart=-1)
     assert proposals(finished_before_restart=3) == uninterrupted
     assert len({tuple(point.values()) for point in uninterrupted}) == 5
+
+
+def test_trials_of_a_gone_worker_are_failed_with_the_reason_and_live_ones_kept(tmp_path):
+    backend = open_storage(str(tmp_path / "journal.log"))
+    study = optuna.create_study(study_name="stale", storage=backend)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    workers = {"dead": f"{socket.gethostname()}:{ended.stdout.strip()}",
+               "alive": f"{socket.gethostname()}:{os.getpid()}",
+               "silent": "another-host:1", "beating": "another-host:2"}
+    for worker in workers.values():
+        trial = study.ask()
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("heartbeat", time.time() - (1000 if worker.endswith(":1") else 0))
+
+    # No MLflow run is named, so no tracking store is touched.
+    assert fail_stale_trials(study, backend, 900.0, tracking_uri="unused") == [0, 2]
+    trials = optuna.load_study(study_name="stale", storage=open_storage(
+        str(tmp_path / "journal.log"))).get_trials()  # as another process reads the journal
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING,
+                                         TrialState.FAIL, TrialState.RUNNING]
+    assert trials[0].user_attrs["failure"] == f"worker {workers['dead']} gone"
+    assert trials[2].user_attrs["failure"] == "worker another-host:1 gone"
+    assert fail_stale_trials(study, backend, 900.0, tracking_uri="unused") == []
 
 
 # ----------------------------------------------------------------------------- real studies

@@ -7,7 +7,7 @@
     xm2 tokenize --tokenizer_path artifacts/tokenizers/unigram-4096.model
 
 This module imports only what every command needs: a tool's module is imported when that tool
-runs, and Lightning (seconds to import) only for fit/validate/test (xm2.lightning_cli).
+runs, and Lightning (seconds to import) only for fit/validate/test (xm2.run).
 Errors xm2 raises on purpose print as one line (see xm2.errors).
 """
 
@@ -40,16 +40,16 @@ TOOLS = {
     "add-tokens": "xm2.data.sources:add_tokens",
     "coord-check": "xm2.studies.coord_check:coord_check",
     "sweep": "xm2.studies.sweep:sweep",
-    "windtunnel": "xm2.studies.windtunnel:windtunnel",
-    "prepare-eval": "xm2.analysis.eval_data:prepare_eval",
+    "windtunnel": "xm2.studies.windtunnel.command:windtunnel",
+    "prepare-eval": "xm2.data.prepare_eval:prepare_eval",
     "evaluate": "xm2.eval.suite:evaluate",
-    "branches": "xm2.tracking:print_branches",
+    "branches": "xm2.tracking.lineage:print_branches",
     "decay-study": "xm2.studies.decay:decay_study",
-    "tracking-sync": "xm2.tracking:tracking_sync",
+    "tracking-sync": "xm2.tracking.guard:tracking_sync",
     "consolidate-checkpoint": "xm2.interop.sharded:consolidate_checkpoint",
     "memory": "xm2.memory:memory",
-    "export-hf": "xm2.interop.hf:export_hf",
-    "import-hf": "xm2.interop.hf:import_hf",
+    "export-hf": "xm2.interop.hf_export:export_hf",
+    "import-hf": "xm2.interop.hf_import:import_hf",
     "generate": "xm2.eval.generate:generate_command",
     "lm-eval": "xm2.eval.lm_eval:main",
 }
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         if words[0] in TOOLS:
             CLI({words[0]: tool(words[0])}, args=words)
             return
-        from xm2.lightning_cli import run
+        from xm2.run import main as run_main
 
-        run(argv)
+        run_main(words, [sys.argv[0], *sys.argv[1:]] if argv is None else ["xm2", *argv])
     except Exception as error:
         # Errors xm2 raises on purpose say all there is to say; anything else keeps its
         # traceback, and XM2_TRACEBACK=1 shows it for every error. Calls from Python get the
@@ -143,14 +143,6 @@ def main(argv: list[str] | None = None) -> None:
         if found is None or os.environ.get(errors.TRACEBACK_VARIABLE) or argv is not None:
             raise
         sys.exit(errors.message(found))
-
-
-def __getattr__(name: str) -> Any:
-    # The Lightning half moved to xm2.lightning_cli so that `xm2 --help` and the data tools start
-    # without importing Lightning; `from xm2.cli import Xm2CLI` keeps working.
-    if name in ("Xm2CLI", "TrackConfig", "quiet_lightning_noise", "validate_command"):
-        return getattr(importlib.import_module("xm2.lightning_cli"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from xm2.errors import ConfigError
+
 
 @dataclass
 class ModelConfig:
@@ -53,23 +55,23 @@ class ModelConfig:
                      "num_kv_heads", "max_seq_len", "dim_model_base"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model {name}={value!r} must be a positive integer")
+                raise ConfigError(f"model {name}={value!r} must be a positive integer")
         for name in ("rope_theta", "norm_eps", "scale_emb", "scale_depth", "init_std"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"model {name}={value!r} must be a finite number > 0")
+                raise ConfigError(f"model {name}={value!r} must be a finite number > 0")
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                 f"allowed num_heads are divisors of {self.hidden_size}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model num_heads={self.num_heads} is not divisible by num_kv_heads="
                 f"{self.num_kv_heads}; allowed num_kv_heads are divisors of {self.num_heads}"
             )
         if self.head_dim % 2:
-            raise ValueError(
+            raise ConfigError(
                 f"model head_dim={self.head_dim} (hidden_size/num_heads) must be even for RoPE"
             )
 

@@ -51,6 +51,10 @@ class NonFiniteLossError(TrainingDiverged):
     """The loss or the gradients were NaN/inf for more steps in a row than allowed."""
 
 
+class RunFailed(Xm2Error, RuntimeError):
+    """A run started as a subprocess failed; the message carries its own error or output."""
+
+
 class EnvironmentProblem(Xm2Error, RuntimeError):
     """The machine lacks what the command needs (a package, a kernel feature, disk space)."""
 

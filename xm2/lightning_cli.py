@@ -1,16 +1,15 @@
-"""The Lightning half of the ``xm2`` command: ``fit``/``validate``/``test`` through LightningCLI.
+"""``Xm2CLI``: LightningCLI with xm2's checks, exact resume, decay branches and tracking.
 
-Imported only by commands that train or evaluate (see xm2.cli), because Lightning and torch take
-seconds to import and ``xm2 --help`` and the data tools need neither.
+Only :mod:`xm2.run` builds it: ``xm2 fit``/``validate``/``test`` and every study go through
+``xm2.run.run``. Imported only by commands that train or evaluate (see xm2.cli), because
+Lightning and torch take seconds to import and ``xm2 --help`` and the data tools need neither.
 """
 
 from __future__ import annotations
 
-import logging
 import shlex
-import subprocess
 import sys
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,33 +17,26 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 
-from xm2 import preflight, resume, tracking
+from xm2 import preflight, resume
 from xm2.checkpoint import (
-    CheckpointError,
     VerifiedCheckpointIO,
     check_writable,
     find_last_checkpoint,
     load_checkpoint_file,
     sharded_metadata,
 )
-from xm2.data.datamodule import MixtureDataModule
 from xm2.data.tokenizer import default_tokenizer_path, tokenizer_mismatch
-from xm2.module import Xm2Module
+from xm2.errors import CheckpointError
+from xm2.tracking import lineage
+from xm2.tracking.record import record_text
 
 
 class TrackConfig(SaveConfigCallback):
     """Logs the fully resolved config to the experiment tracker as ``config.yaml``."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        config = self.parser.dump(self.config, skip_none=False)
-        logger = trainer.logger
-        if isinstance(logger, MLFlowLogger):
-            logger.experiment.log_text(logger.run_id, config, "config.yaml")
-        elif logger is not None:
-            logger.log_hyperparams({"config": config})
+        record_text(trainer, self.parser.dump(self.config, skip_none=False), "config.yaml")
 
 
 class Xm2CLI(LightningCLI):
@@ -52,11 +44,17 @@ class Xm2CLI(LightningCLI):
 
     Lightning's own handling of ``--ckpt_path`` replaces the command line's model settings with
     the checkpoint's, silently; here every difference is applied or refused (see xm2.resume).
-    ``command`` is how this process was started (program and arguments), for the printed hint.
+    ``command`` is how this process was started (program and arguments), for the printed hint;
+    ``adjust`` changes the parsed config before anything is built (a study shortening a recipe);
+    ``on_trainer`` is called with the trainer as soon as it exists (the run API reads its outcome
+    from it, also when the run fails).
     """
 
-    def __init__(self, *args: Any, command: list[str] | None = None, **kwargs: Any) -> None:
-        self.command = command
+    def __init__(self, *args: Any, command: list[str] | None = None,
+                 adjust: Callable[[Any], None] | None = None,
+                 on_trainer: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
+        self.command, self.adjust, self.on_trainer = command, adjust, on_trainer
+        self.resumed_record: dict | None = None
         super().__init__(*args, **kwargs)
 
     @staticmethod
@@ -72,10 +70,12 @@ class Xm2CLI(LightningCLI):
         if not subcommand:
             return
         config = self.config[subcommand]
+        if self.adjust is not None:
+            self.adjust(config)
         preflight.check_trainer(config.trainer)
         for note in preflight.replaced_callbacks(config.get("config") or []):
             print(note, file=sys.stderr)
-        for entry in _mlflow_loggers(config.trainer.logger):
+        for entry in lineage.mlflow_logger_configs(config.trainer.logger):
             preflight.check_tracking_uri(entry.init_args.get("tracking_uri"))
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -111,7 +111,7 @@ class Xm2CLI(LightningCLI):
             return
         if path == "last":
             path = str(find_last_checkpoint(config.trainer.default_root_dir or ".",
-                                            *_run_name_and_experiment(config.trainer.logger)))
+                                            *lineage.run_name_and_experiment(config.trainer.logger)))
             print(f"Resuming from the run's last checkpoint: {path}", file=sys.stderr)
         elif not Path(path).exists():
             raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint file or "
@@ -132,7 +132,8 @@ class Xm2CLI(LightningCLI):
             config.model.schedule.decay_start_step = plan.source_step
             config.data.decay_start_step = plan.source_step
             config.trainer.max_steps = plan.max_steps
-            _start_branch_run(config.trainer.logger, record, plan)
+            lineage.start_branch_run(config.trainer.logger, record, plan.source_step,
+                                     plan.source_tokens, plan.decay_steps)
             print(f"Branching from step {plan.source_step} of {path}: decay for {plan.decay_steps} "
                   f"steps to step {plan.max_steps}", file=sys.stderr)
             if imported:
@@ -149,10 +150,10 @@ class Xm2CLI(LightningCLI):
         for line in [] if imported else comparison.announce():
             print(f"Applied: {line}", file=sys.stderr)
         if mode == "resume":
-            self.resumed_run_id = _continue_run(config.trainer.logger, record)
+            lineage.continue_run(config.trainer.logger, record)
             self.resumed_record = record
         elif mode == "evaluate":
-            _tag_evaluation_run(config.trainer.logger, record, path, subcommand)
+            lineage.tag_evaluation_run(config.trainer.logger, record, path, subcommand)
         config.ckpt_path = path
 
     def _current_settings(self, subcommand: str) -> dict:
@@ -163,7 +164,7 @@ class Xm2CLI(LightningCLI):
         settings = {
             "max_steps": trainer.max_steps,
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
-            "precision": _unified_precision(trainer.precision),
+            "precision": unified_precision(trainer.precision),
             "gradient_clip_val": trainer.gradient_clip_val,
             "seed": config.get("seed_everything"),
         }
@@ -171,76 +172,60 @@ class Xm2CLI(LightningCLI):
             settings["world_size"] = trainer.devices * trainer.num_nodes
         return resume.current_settings(dumped["model"], dumped["data"], settings)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.on_trainer is not None:
+            self.on_trainer(trainer)
+        return trainer
+
     def before_fit(self) -> None:
         # The module checks this in its setup, after Lightning has opened the MLflow run; here
         # a mistake stops the command before there is a run to leave FAILED.
         self.model.schedule.check_run_length(self.trainer.max_steps)
-        self._guard_the_run()
-        logger = self.trainer.logger
-        if getattr(self, "resumed_run_id", None) and isinstance(logger, MLFlowLogger):
-            # A killed run was left RUNNING or FAILED; it runs again now, and ends FINISHED.
-            logger.experiment.update_run(self.resumed_run_id, status="RUNNING")
-            tracking.log_params_once(logger, self.resumed_run_id)
-            tracking.log_missing_step_metrics(logger, self.resumed_run_id, self.resumed_record)
+        self._prepare_run("fit")
+        if self.resumed_record is not None:
+            for logger in self._xm2_loggers():
+                logger.restore_last_step_metrics(self.resumed_record)
         checkpointing = self.trainer.checkpoint_callback
         folder = (checkpointing.dirpath if isinstance(checkpointing, ModelCheckpoint)
                   and checkpointing.dirpath else self.trainer.default_root_dir)
         check_writable(folder)
-        self._label_params("fit")
 
     def before_validate(self) -> None:
-        self._guard_the_run()
-        self._label_params("validate")
+        self._prepare_run("validate")
 
     def before_test(self) -> None:
-        self._guard_the_run()
-        self._label_params("test")
+        self._prepare_run("test")
 
-    def _label_params(self, subcommand: str) -> None:
-        """Log the run's parameters under one prefix per source and tag the code version.
-
-        Lightning logs the model's and the data module's hyperparameters in one flat namespace
-        (so ``batch_size`` could be either) plus LightningCLI's ``_instantiator``; here the data
-        module's are ``data/...``, the trainer's settings ``trainer/...`` are added, the
-        model's keep their groups (``architecture/``, ``optimizer/``, ``schedule/``, ...), and
-        the run is tagged with the git commit and whether the working tree had changes.
-        """
-        logger = self.trainer.logger
-        if not isinstance(logger, MLFlowLogger):
-            return
-        data_keys = set(self.datamodule.hparams_initial) if self.datamodule else set()
-        trainer_params = run_params(self.config[subcommand])
-        log_next = logger.log_hyperparams
-
-        def log_hyperparams(params: Any, *args: Any, **kwargs: Any) -> None:
-            params = dict(params) if isinstance(params, dict) else vars(params)
-            labelled = {(f"data/{key}" if key in data_keys else key): value
-                        for key, value in params.items() if not key.startswith("_")}
-            log_next({**labelled, **trainer_params}, *args, **kwargs)
-            if rank_zero_only.rank != 0:  # the logger writes from the first rank only
-                return
-            for tag, value in git_tags().items():
-                logger.experiment.set_tag(logger.run_id, tag, value)
-
-        logger.log_hyperparams = log_hyperparams
-
-    def _guard_the_run(self) -> None:
+    def _prepare_run(self, subcommand: str) -> None:
         # Atomic, verified checkpoint files whatever the strategy (it saves through checkpoint_io).
         self.trainer.strategy.checkpoint_io = VerifiedCheckpointIO()
-        self.tracking_guard = tracking.guard_logger(
-            self.trainer.logger, Path(self.trainer.default_root_dir) / "tracking")
+        data_keys = set(self.datamodule.hparams_initial) if self.datamodule else set()
+        for logger in self._xm2_loggers():
+            logger.keep_backlog_in(Path(self.trainer.default_root_dir) / "tracking")
+            logger.label_params(data_keys, run_params(self.config[subcommand]))
+
+    def _xm2_loggers(self) -> list:
+        from xm2.tracking.logger import Xm2MLFlowLogger
+
+        return [logger for logger in self.trainer.loggers if isinstance(logger, Xm2MLFlowLogger)]
+
+    def _report_unsent(self) -> None:
+        for logger in self._xm2_loggers():
+            logger.report_unsent()
 
     def after_fit(self) -> None:
-        if self.tracking_guard:
-            self.tracking_guard.report_unsent()
+        self._report_unsent()
         checkpoint = self.trainer.checkpoint_callback
         if self.trainer.is_global_zero and checkpoint and checkpoint.last_model_path:
             print(f"\nLast checkpoint: {checkpoint.last_model_path}\nEvaluate it with: "
                   f"{validate_command(self.command, checkpoint.last_model_path)}")
 
     def after_validate(self) -> None:
-        if self.tracking_guard:
-            self.tracking_guard.report_unsent()
+        self._report_unsent()
+
+    def after_test(self) -> None:
+        self._report_unsent()
 
 
 # Trainer settings logged as ``trainer/<name>`` parameters of every run.
@@ -260,27 +245,6 @@ def run_params(config: Namespace) -> dict[str, str]:
         params[f"trainer/{name}"] = str(value)
     params["seed_everything"] = str(config.get("seed_everything"))
     return params
-
-
-def git_tags() -> dict[str, str]:
-    """``xm2.git_commit`` and ``xm2.git_dirty`` of the xm2 code that runs ("unknown" outside git)."""
-    folder = Path(__file__).resolve().parents[1]
-
-    def git(*words: str) -> str | None:
-        try:
-            result = subprocess.run(["git", "-C", str(folder), *words], capture_output=True,
-                                    text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"xm2.git_commit": "unknown", "xm2.git_dirty": "unknown"}
-    # Untracked files do not change what runs; modified tracked files do.
-    changes = git("status", "--porcelain", "--untracked-files=no")
-    return {"xm2.git_commit": commit,
-            "xm2.git_dirty": "unknown" if changes is None else str(bool(changes)).lower()}
 
 
 def validate_command(command: list[str] | None, checkpoint: str) -> str:
@@ -310,85 +274,14 @@ def validate_command(command: list[str] | None, checkpoint: str) -> str:
     return shlex.join([*program, "validate", *kept, "--ckpt_path", str(checkpoint)])
 
 
-def run(argv: list[str] | None = None) -> None:
-    """``xm2 fit|validate|test ...``: the Lightning commands."""
-    quiet_lightning_noise()
-    Xm2CLI(
-        Xm2Module,
-        MixtureDataModule,
-        save_config_callback=TrackConfig,
-        save_config_kwargs={"save_to_log_dir": False},
-        auto_configure_optimizers=False,
-        args=argv,
-        command=[sys.argv[0], *sys.argv[1:]] if argv is None else ["xm2", *argv],
-    )
+# Lightning's legacy precision names and the ones it records (``Trainer(precision=16).precision``
+# is "16-mixed"); tests/test_cli.py checks this table against Lightning itself.
+_LEGACY_PRECISION = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
 
 
-def _unified_precision(precision: Any) -> str:
+def unified_precision(precision: Any) -> str:
     """Lightning's own name for a precision setting (16 -> "16-mixed"), as the trainer records it."""
-    from lightning.fabric.connector import _convert_precision_to_unified_args
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy-name advice is Lightning's to give, later
-        try:
-            return str(_convert_precision_to_unified_args(precision))
-        except (ValueError, TypeError):
-            return str(precision)
-
-
-def _mlflow_loggers(logger_config: Any) -> list[Namespace]:
-    """The MLFlowLogger entries of a ``trainer.logger`` config (one logger or a list)."""
-    entries = logger_config if isinstance(logger_config, list) else [logger_config]
-    return [entry for entry in entries if isinstance(entry, Namespace)
-            and str(entry.get("class_path", "")).endswith("MLFlowLogger")]
-
-
-def _run_name_and_experiment(logger_config: Any) -> tuple[str | None, str | None]:
-    for entry in _mlflow_loggers(logger_config):
-        return entry.init_args.get("run_name"), entry.init_args.get("experiment_name")
-    return None, None
-
-
-def _continue_run(logger_config: Any, record: dict) -> str | None:
-    """Point the MLflow logger at the checkpoint's run, so the resumed run is the same run."""
-    resumed = None
-    for entry in _mlflow_loggers(logger_config):
-        same_store = record.get("tracking_uri") in (None, entry.init_args.get("tracking_uri"))
-        if record.get("run_id") and same_store:
-            entry.init_args.run_id = record["run_id"]
-            resumed = record["run_id"]
-        elif record.get("run_id"):
-            print(f"The checkpoint's MLflow run {record['run_id']} is in another store "
-                  f"({record.get('tracking_uri')}); this resume opens a new run.", file=sys.stderr)
-    return resumed
-
-
-def _start_branch_run(logger_config: Any, record: dict, plan: resume.BranchPlan) -> None:
-    for entry in _mlflow_loggers(logger_config):
-        args = entry.init_args
-        parent_name = record.get("run_name") or "run"
-        if args.get("run_name") in (None, record.get("run_name")):
-            args.run_name = f"{parent_name}-decay-from-{plan.source_step}"
-        args.run_id = None
-        tags = {tracking.SOURCE_STEP_TAG: str(plan.source_step),
-                tracking.SOURCE_TOKENS_TAG: str(plan.source_tokens or ""),
-                tracking.DECAY_STEPS_TAG: str(plan.decay_steps)}
-        if record.get("run_id") and record.get("tracking_uri") in (None, args.get("tracking_uri")):
-            # The parent tag also nests the branch under its stable run in the MLflow UI.
-            tags |= {tracking.PARENT_RUN_TAG: record["run_id"], "mlflow.parentRunId": record["run_id"]}
-        args.tags = {**(args.get("tags") or {}), **tags}
-
-
-def _tag_evaluation_run(logger_config: Any, record: dict, path: str, subcommand: str) -> None:
-    for entry in _mlflow_loggers(logger_config):
-        args = entry.init_args
-        args.run_id = None
-        if args.get("run_name") in (None, record.get("run_name")):
-            args.run_name = f"{record.get('run_name') or 'run'}-{subcommand}-step{record.get('global_step')}"
-        tags = {"xm2.checkpoint": str(path), "xm2.checkpoint_step": str(record.get("global_step"))}
-        if record.get("run_id"):
-            tags["xm2.checkpoint_run_id"] = record["run_id"]
-        args.tags = {**(args.get("tags") or {}), **tags}
+    return _LEGACY_PRECISION.get(str(precision), str(precision))
 
 
 def _check_tokenizer(data_config: Namespace, record: dict, path: str) -> None:
@@ -396,12 +289,3 @@ def _check_tokenizer(data_config: Namespace, record: dict, path: str) -> None:
     problem = tokenizer_mismatch(record.get("tokenizer_sha256"), tokenizer)
     if problem:
         raise CheckpointError(f"checkpoint {path} {problem}")
-
-
-def quiet_lightning_noise() -> None:
-    """Drop two messages that every run prints and no xm2 user can act on."""
-    # Lightning's own pytree helper trips a torch deprecation on every validation loop.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
-    # An advertisement for a hosted logger; xm2 logs to MLflow.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("💡 Tip:"))

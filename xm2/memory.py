@@ -32,12 +32,13 @@ import torch
 import yaml
 
 from xm2.config import ModelConfig
+from xm2.errors import ConfigError
 from xm2.model import Decoder
+from xm2.presets import preset_names, resolve_config
 
 STRATEGIES = ("single", "ddp", "fsdp2")
 PRECISIONS = ("32-true", "bf16-mixed")
 GIB = 2**30
-PRESETS = Path(__file__).resolve().parents[1] / "config" / "model"
 
 
 @dataclass
@@ -65,15 +66,16 @@ def read_architecture(model: str) -> ModelConfig:
     ``model.architecture``); a bare name means config/model/<name>.yaml."""
     path = Path(model)
     if not path.is_file() and path.suffix not in (".yaml", ".yml"):
-        path = PRESETS / f"{model}.yaml"
+        path = Path("config", "model", f"{model}.yaml")
+    path = Path(resolve_config(str(path)))
     if not path.is_file():
-        presets = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-        raise ValueError(f"model preset {model!r} not found (looked for {path}); give a YAML "
-                         f"path or one of: {', '.join(presets)}")
+        presets = [Path(name).stem for name in preset_names() if name.startswith("model/")]
+        raise ConfigError(f"model preset {model!r} not found (looked for {path}); give a YAML "
+                          f"path or one of: {', '.join(presets)}")
     data = yaml.safe_load(path.read_text()) or {}
     architecture = (data.get("model") or {}).get("architecture")
     if architecture is None:
-        raise ValueError(f"{path} has no model.architecture section")
+        raise ConfigError(f"{path} has no model.architecture section")
     return ModelConfig(**architecture)
 
 
@@ -101,16 +103,16 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, precision: str,
              strategy: str, activation_checkpointing: bool = False,
              fsdp_mixed_precision: bool = True) -> MemoryEstimate:
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        raise ConfigError(f"strategy={strategy!r}; allowed: {', '.join(STRATEGIES)}")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
     if strategy == "single" and devices != 1:
-        raise ValueError(f"strategy single runs on one device, not devices={devices}")
+        raise ConfigError(f"strategy single runs on one device, not devices={devices}")
     if devices < 1 or batch_size < 1 or seq_len < 1:
-        raise ValueError(f"devices={devices}, batch_size={batch_size} and seq_len={seq_len} must "
-                         "be >= 1")
+        raise ConfigError(f"devices={devices}, batch_size={batch_size} and seq_len={seq_len} must "
+                          "be >= 1")
     if seq_len > config.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
+        raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     with torch.device("meta"):
         model = Decoder(config)
     total = model.num_parameters()

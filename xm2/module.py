@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
 from xm2.config import ModelConfig
-from xm2.errors import CheckpointError, NonFiniteLossError
+from xm2.errors import CheckpointError, ConfigError, NonFiniteLossError
 from xm2.model import Decoder
 from xm2.optimizer import OptimizerConfig, build_adamw
 from xm2.parallel import ParallelConfig
@@ -49,7 +49,7 @@ class Xm2Module(L.LightningModule):
         """
         super().__init__()
         if on_nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(f"on_nonfinite_loss={on_nonfinite_loss!r}; allowed: stop, skip")
+            raise ConfigError(f"on_nonfinite_loss={on_nonfinite_loss!r}; allowed: stop, skip")
         self.architecture, self.optimizer_config, self.schedule = architecture, optimizer, schedule
         self.on_nonfinite_loss = on_nonfinite_loss
         # Plain dicts, so checkpoints load with weights_only=True and MLflow gets flat params.

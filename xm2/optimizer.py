@@ -10,6 +10,7 @@ from torch import nn
 
 from xm2 import mup
 from xm2.config import ModelConfig
+from xm2.errors import ConfigError
 
 
 @dataclass
@@ -28,13 +29,13 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         # Written so that NaN fails each check too: every comparison with NaN is false.
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"optimizer lr={self.lr} must be a finite number > 0")
+            raise ConfigError(f"optimizer lr={self.lr} must be a finite number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"optimizer weight_decay={self.weight_decay} must be a finite number >= 0")
+            raise ConfigError(f"optimizer weight_decay={self.weight_decay} must be a finite number >= 0")
         if not (math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"optimizer eps={self.eps} must be a finite number > 0")
+            raise ConfigError(f"optimizer eps={self.eps} must be a finite number > 0")
         if len(self.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.betas):
-            raise ValueError(f"optimizer betas={tuple(self.betas)} must be two numbers in [0, 1)")
+            raise ConfigError(f"optimizer betas={tuple(self.betas)} must be two numbers in [0, 1)")
 
 
 def build_adamw(

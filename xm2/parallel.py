@@ -19,6 +19,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from xm2.errors import ConfigError
+
 MIXED_PRECISION = ("none", "bf16")
 COMPILE = (False, True, "blocks", "model")
 
@@ -50,11 +52,11 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE:
-            raise ValueError(f"parallel compile={self.compile!r}; allowed: false, true, "
-                             "blocks (the same as true), model")
+            raise ConfigError(f"parallel compile={self.compile!r}; allowed: false, true, "
+                              "blocks (the same as true), model")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise ValueError(f"parallel mixed_precision={self.mixed_precision!r}; allowed: "
-                             f"{', '.join(MIXED_PRECISION)}")
+            raise ConfigError(f"parallel mixed_precision={self.mixed_precision!r}; allowed: "
+                              f"{', '.join(MIXED_PRECISION)}")
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -102,7 +104,7 @@ def apply(model: nn.Module, config: ParallelConfig, strategy: Strategy | None,
         return
     sharded = isinstance(strategy, ModelParallelStrategy)
     if config.mixed_precision != "none" and not sharded:
-        raise ValueError(
+        raise ConfigError(
             f"model.parallel.mixed_precision={config.mixed_precision!r} is FSDP2's parameter "
             f"policy and needs trainer.strategy xm2.parallel.FSDP2Strategy (this run uses "
             f"{type(strategy).__name__}); set it to 'none' and use trainer.precision bf16-mixed")
@@ -124,7 +126,7 @@ def shard(model: nn.Module, strategy: ModelParallelStrategy, config: ParallelCon
     are one parameter, so it is gathered once for both uses) and the final norm."""
     mesh = strategy.device_mesh
     if mesh["tensor_parallel"].size() != 1:
-        raise ValueError(
+        raise ConfigError(
             f"xm2 shards with FSDP2 only, but the strategy's mesh has tensor_parallel_size="
             f"{mesh['tensor_parallel'].size()}; use trainer.strategy xm2.parallel.FSDP2Strategy, "
             "or ModelParallelStrategy with data_parallel_size=<world size> and "

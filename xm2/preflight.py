@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from xm2.errors import ConfigError
+from xm2.errors import ConfigError, TrackingError
 
 # Seconds to wait for a tracking server to answer: a live one answers in milliseconds, and
 # MLflow's own retries would take minutes to give up.
@@ -44,7 +44,7 @@ def check_tracking_uri(uri: str | None) -> None:
         problem = _http_problem(uri)
         if problem:
             port = parsed.port or (443 if parsed.scheme == "https" else 80)
-            raise ConfigError(
+            raise TrackingError(
                 f"the MLflow tracking server {uri} does not answer ({problem}); start it (e.g. "
                 f"`mlflow server --host 127.0.0.1 --port {port}`) or log to a local store with "
                 "--trainer.logger.init_args.tracking_uri sqlite:///mlflow.db")

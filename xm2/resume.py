@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from xm2.checkpoint import CheckpointError
+from xm2.errors import CheckpointError, ConfigError
 
 Mode = Literal["resume", "branch", "evaluate"]
 
@@ -157,7 +157,7 @@ def plan_branch(checkpoint: Mapping, path: str, decay_steps: int | None,
     record = (checkpoint.get("xm2") or {}).get("record") or {}
     tokens = record.get("tokens_seen")
     if (decay_steps is None) == (decay_tokens is None):
-        raise CheckpointError(
+        raise ConfigError(
             "--branch_from needs the decay length: give exactly one of --branch_decay_steps and "
             f"--branch_decay_tokens (got {decay_steps} and {decay_tokens})"
         )
@@ -169,5 +169,5 @@ def plan_branch(checkpoint: Mapping, path: str, decay_steps: int | None,
             )
         decay_steps = math.ceil(decay_tokens / (tokens / step))
     if decay_steps < 1:
-        raise CheckpointError(f"the decay of a branch needs at least one step (got {decay_steps})")
+        raise ConfigError(f"the decay of a branch needs at least one step (got {decay_steps})")
     return BranchPlan(source_step=step, source_tokens=tokens, decay_steps=decay_steps)

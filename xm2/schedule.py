@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from xm2.errors import ConfigError
+
 DecayStyle = Literal["exponential", "linear", "cosine", "1-sqrt"]
 
 
@@ -33,13 +35,13 @@ class WSDSchedule:
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
-            raise ValueError(f"schedule warmup_steps={self.warmup_steps} must be >= 0")
+            raise ConfigError(f"schedule warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.min_lr_ratio <= 1.0:  # NaN fails this too
-            raise ValueError(f"schedule min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+            raise ConfigError(f"schedule min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         if self.half_life_steps is not None and self.half_life_steps <= 0:
-            raise ValueError(f"schedule half_life_steps={self.half_life_steps} must be > 0")
+            raise ConfigError(f"schedule half_life_steps={self.half_life_steps} must be > 0")
         if self.decay_start_step < self.warmup_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule decay_start_step={self.decay_start_step} is inside the warmup "
                 f"(warmup_steps={self.warmup_steps}); allowed: warmup_steps <= decay_start_step"
             )
@@ -47,11 +49,11 @@ class WSDSchedule:
     def check_run_length(self, total_steps: int) -> None:
         """Refuse a decay start that is not inside a run of ``total_steps`` steps."""
         if total_steps is None or total_steps <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"the WSD schedule needs a fixed run length; set trainer.max_steps (got {total_steps})"
             )
         if not self.warmup_steps <= self.decay_start_step < total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule decay_start_step={self.decay_start_step} is outside the run; allowed: "
                 f"{self.warmup_steps} (warmup_steps) <= decay_start_step < {total_steps} "
                 "(trainer.max_steps)"
@@ -75,7 +77,7 @@ class WSDSchedule:
         elif self.decay_style == "1-sqrt":
             shape = 1.0 - math.sqrt(progress)
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"schedule decay_style={self.decay_style!r}; allowed: exponential, linear, "
                 "cosine, 1-sqrt"
             )

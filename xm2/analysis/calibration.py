@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xm2.errors import ConfigError
+
 
 @dataclass
 class ReliabilityBins:
@@ -35,7 +37,7 @@ def reliability_bins(confidence, correct, n_bins: int = 10) -> ReliabilityBins:
     confidence = np.asarray(confidence, dtype=np.float64)
     correct = np.asarray(correct, dtype=np.float64)
     if n_bins < 1:
-        raise ValueError(f"n_bins={n_bins} must be >= 1")
+        raise ConfigError(f"n_bins={n_bins} must be >= 1")
     if confidence.shape != correct.shape or confidence.ndim != 1 or confidence.size == 0:
         raise ValueError(f"confidence {confidence.shape} and correct {correct.shape} must be two "
                          "non-empty 1-D arrays of the same length")

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xm2.errors import ConfigError, DataError, MissingFileError
+
 
 class PowerLawFitWarning(UserWarning):
     """The power-law fit of L(t) is not trustworthy (flat or noisy curve, unidentified terms)."""
@@ -40,7 +42,7 @@ def text_windows(token_streams: list[list[int]], window: int, max_windows: int |
     document boundary that opens every training document), so position 1 is the first text token.
     """
     if window < 2:
-        raise ValueError(f"window={window} must be >= 2 tokens")
+        raise ConfigError(f"window={window} must be >= 2 tokens")
     body = window if boundary_id is not None else window + 1
     rows = []
     for stream in token_streams:
@@ -53,8 +55,9 @@ def text_windows(token_streams: list[list[int]], window: int, max_windows: int |
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, max_windows).round().astype(int)]
     if not rows:
         longest = max((len(s) for s in token_streams), default=0)
-        raise ValueError(f"no text is long enough for a window of {window + 1} tokens (the longest "
-                         f"document has {longest}); give longer documents or a smaller window")
+        raise ConfigError(f"no text is long enough for a window of {window + 1} tokens (the "
+                          f"longest document has {longest}); give longer documents or a smaller "
+                          "window")
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -62,10 +65,10 @@ def read_text_documents(path: str | Path) -> list[str]:
     """A user's text file as documents: the whole file is one long document (e.g. wiki.test.raw)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"context-law text file {path} does not exist")
+        raise MissingFileError(f"context-law text file {path} does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
-        raise ValueError(f"context-law text file {path} is empty")
+        raise DataError(f"context-law text file {path} is empty")
     return [text]
 
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xm2.analysis.eval_data import MultipleChoiceItem
+from xm2.data.eval_sets import MultipleChoiceItem
+from xm2.errors import ConfigError
 
 Format = Literal["letter", "cloze"]
 FORMATS = ("letter", "cloze")
@@ -64,7 +65,7 @@ def item_requests(item: MultipleChoiceItem, format: Format, shots: list[Multiple
                          for s in shots)
         context = solved + cloze_prompt(item, continuation_style)
         return [Request(context, f" {choice.strip()}") for choice in item.choices]
-    raise ValueError(f"multiple-choice format={format!r}; allowed: {', '.join(FORMATS)}")
+    raise ConfigError(f"multiple-choice format={format!r}; allowed: {', '.join(FORMATS)}")
 
 
 def encode_request(tokenizer, request: Request, max_len: int, boundary_id: int) -> tuple[list[int], int]:
@@ -84,10 +85,10 @@ def encode_request(tokenizer, request: Request, max_len: int, boundary_id: int) 
     context_ids = tokenizer.encode(context)
     continuation_ids = tokenizer.encode(context + continuation)[len(context_ids):]
     if not continuation_ids:
-        raise ValueError(f"continuation {request.continuation!r} encodes to no tokens")
+        raise ConfigError(f"continuation {request.continuation!r} encodes to no tokens")
     if len(continuation_ids) > max_len:
-        raise ValueError(f"continuation {request.continuation[:60]!r} has {len(continuation_ids)} "
-                         f"tokens, more than the model's context of {max_len}")
+        raise ConfigError(f"continuation {request.continuation[:60]!r} has {len(continuation_ids)} "
+                          f"tokens, more than the model's context of {max_len}")
     ids = ([boundary_id, *context_ids, *continuation_ids])[-(max_len + 1):]
     return ids, len(continuation_ids)
 
@@ -106,7 +107,7 @@ def score_requests(model: torch.nn.Module, encoded: list[tuple[list[int], int]],
     continuation token of request ``i`` is the model's most likely one (lm-eval's ``is_greedy``).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     device = next(model.parameters()).device
     inputs_of: dict[tuple[int, ...], int] = {}
     owner = [inputs_of.setdefault(tuple(ids[:-1]), len(inputs_of)) for ids, _ in encoded]
@@ -172,7 +173,7 @@ def pick_shots(items: list[MultipleChoiceItem], index: int, shots: int, seed: in
         return []
     others = [i for i in range(len(items)) if i != index]
     if shots > len(others):
-        raise ValueError(f"shots={shots} needs more than {len(items)} items in the set")
+        raise ConfigError(f"shots={shots} needs more than {len(items)} items in the set")
     return [items[i] for i in random.Random(seed * 1_000_003 + index).sample(others, shots)]
 
 
@@ -194,11 +195,11 @@ def evaluate_multiple_choice(
     context; longer prompts lose their beginning, as in lm-evaluation-harness.
     """
     if format not in FORMATS:
-        raise ValueError(f"multiple-choice format={format!r}; allowed: {', '.join(FORMATS)}")
+        raise ConfigError(f"multiple-choice format={format!r}; allowed: {', '.join(FORMATS)}")
     if shots < 0:
-        raise ValueError(f"shots={shots} must be >= 0")
+        raise ConfigError(f"shots={shots} must be >= 0")
     if not items:
-        raise ValueError("no items to evaluate")
+        raise ConfigError("no items to evaluate")
     requests, owners = [], []
     for index, item in enumerate(items):
         for request in item_requests(item, format, pick_shots(items, index, shots, seed),

@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from xm2.errors import ConfigError
+from xm2.errors import DataError, MissingFileError
 
 SPLITS = ("train", "val")
 
@@ -17,19 +17,19 @@ def load_manifest(corpus_dir: str | Path) -> dict:
     """The corpus manifest; its ``sources`` maps each source name to its card entry."""
     path = Path(corpus_dir) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"corpus manifest {path} is missing; build the corpus with "
             "`python scripts/build_corpus.py --out data/corpus` or point data.corpus_dir at one"
         )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"corpus manifest {path} is not valid JSON ({error}); restore it "
-                          "(`git checkout data/corpus`) or rebuild the corpus with "
-                          "`python scripts/build_corpus.py --out data/corpus`") from None
+        raise DataError(f"corpus manifest {path} is not valid JSON ({error}); restore it "
+                        "(`git checkout data/corpus`) or rebuild the corpus with "
+                        "`python scripts/build_corpus.py --out data/corpus`") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("sources"), dict):
-        raise ConfigError(f'corpus manifest {path} has no "sources" object naming the sources '
-                          "(see data/CARD.md for what a source needs)")
+        raise DataError(f'corpus manifest {path} has no "sources" object naming the sources '
+                        "(see data/CARD.md for what a source needs)")
     return manifest
 
 
@@ -49,7 +49,7 @@ def split_path(corpus_dir: str | Path, source: str, split: str) -> Path:
     path = Path(corpus_dir) / source / f"{split}.jsonl.gz"
     if not path.is_file():
         available = ", ".join(source_names(corpus_dir))
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"corpus file {path} is missing for source {source!r}; sources in the manifest: "
             f"{available}"
         )
@@ -66,12 +66,12 @@ def read_documents(corpus_dir: str | Path, source: str, split: str) -> Iterator[
                 try:
                     yield json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError) as error:
-                    raise ConfigError(
+                    raise DataError(
                         f"{path} line {line_number} is not a JSON object with a \"text\" field: "
                         f"{error}"
                     ) from error
     except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as error:
-        raise ConfigError(
+        raise DataError(
             f"corpus file {path} is damaged after line {line_number} ({type(error).__name__}: "
             f"{error}); a corpus file is gzip-compressed JSON lines. Restore it (`git checkout "
             f"{path}` for the bundled corpus) or write it again"

@@ -7,7 +7,6 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader
 
-from xm2.checkpoint import CheckpointError
 from xm2.data.corpus import source_names as corpus_source_names
 from xm2.data.mixture import MixtureBatches, PackedRows, ValidationBatches, normalized_weights
 from xm2.data.shards import open_shard, shard_dir, write_shards
@@ -18,6 +17,7 @@ from xm2.data.tokenizer import (
     tokenizer_mismatch,
     train_tokenizer,
 )
+from xm2.errors import CheckpointError, ConfigError
 
 DEFAULT_STABLE = {"prose": 0.4, "code": 0.3, "docs": 0.3}
 # About 64% instruction data in the decay phase, as in Xmodel-2.
@@ -72,7 +72,7 @@ class MixtureDataModule(L.LightningDataModule):
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
                             ("val_batches_per_source", val_batches_per_source)):
             if value < 1:
-                raise ValueError(f"data {name}={value} must be >= 1")
+                raise ConfigError(f"data {name}={value} must be >= 1")
         self.source_names = sorted(set(self.stable) | set(self.decay))
         self.tokenizer_path = Path(tokenizer_path or default_tokenizer_path(vocab_size))
         self._tokenizer_sha256: str | None = None
@@ -110,7 +110,7 @@ class MixtureDataModule(L.LightningDataModule):
     def _check_vocab(self) -> None:
         vocab = load_tokenizer(self.tokenizer_path).vocab_size()
         if vocab != self.hparams.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"tokenizer {self.tokenizer_path} has vocab size {vocab} but the model has "
                 f"vocab_size={self.hparams.vocab_size}; train a matching one with "
                 f"`xm2 train-tokenizer --vocab_size {self.hparams.vocab_size}`"

@@ -16,25 +16,27 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from xm2.errors import ConfigError
+
 PHASES = ("stable", "decay")
 
 
 def normalized_weights(weights: Mapping[str, float], known: Sequence[str], phase: str) -> dict:
     """Check a phase's mixture weights against the known sources and scale them to sum to 1."""
     if not weights:
-        raise ValueError(f"the {phase} mixture is empty; give weights for some of: {', '.join(known)}")
+        raise ConfigError(f"the {phase} mixture is empty; give weights for some of: {', '.join(known)}")
     for name, weight in weights.items():
         if name not in known:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown source {name!r} in the {phase} mixture; allowed: {', '.join(known)}"
             )
         if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{phase} mixture weight {name}={weight!r} must be a finite number >= 0"
             )
     total = sum(weights.values())
     if total <= 0:
-        raise ValueError(f"the {phase} mixture weights {dict(weights)} are all zero")
+        raise ConfigError(f"the {phase} mixture weights {dict(weights)} are all zero")
     return {name: weight / total for name, weight in weights.items()}
 
 
@@ -45,7 +47,7 @@ class PackedRows:
         self.tokens, self.seq_len = tokens, seq_len
         self.num_rows = (len(tokens) - 1) // seq_len
         if self.num_rows < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"source {name!r} has {len(tokens)} tokens, fewer than one row of seq_len={seq_len}"
             )
 

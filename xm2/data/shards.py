@@ -15,7 +15,7 @@ import numpy as np
 
 from xm2.data.corpus import SPLITS, read_documents, text_source_names
 from xm2.data.tokenizer import EOS_ID, file_digest, load_tokenizer
-from xm2.errors import ConfigError
+from xm2.errors import ConfigError, DataError, MissingFileError
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -85,10 +85,10 @@ def _read_meta(meta_path: Path) -> dict:
         meta = json.loads(meta_path.read_text())
         dtype, tokens = np.dtype(meta["dtype"]), int(meta["tokens"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as error:
-        raise ConfigError(f"token shard meta file {meta_path} is damaged ({error!r})") from None
+        raise DataError(f"token shard meta file {meta_path} is damaged ({error!r})") from None
     if dtype.kind != "u" or tokens < 0:
-        raise ConfigError(f"token shard meta file {meta_path} is damaged (dtype {meta['dtype']!r}, "
-                          f"tokens {tokens})")
+        raise DataError(f"token shard meta file {meta_path} is damaged (dtype {meta['dtype']!r}, "
+                        f"tokens {tokens})")
     return meta
 
 
@@ -99,7 +99,7 @@ def shard_problem(meta_path: str | Path) -> str | None:
     array_path = meta_path.with_suffix(".bin")
     try:
         meta = _read_meta(meta_path)
-    except ConfigError as error:
+    except DataError as error:
         return str(error)
     dtype, tokens = np.dtype(meta["dtype"]), int(meta["tokens"])
     expected = tokens * dtype.itemsize
@@ -132,13 +132,13 @@ def open_shard(directory: str | Path, source: str, split: str, check: bool = Tru
     """
     meta_path = Path(directory) / source / f"{split}.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"token shard {meta_path} is missing; `xm2 fit` writes shards in prepare_data, or run "
             "`xm2 tokenize`"
         )
     problem = shard_problem(meta_path) if check else None
     if problem:
-        raise ConfigError(f"{problem}; {_rebuild_hint(meta_path)}")
+        raise DataError(f"{problem}; {_rebuild_hint(meta_path)}")
     meta = _read_meta(meta_path)
     return np.memmap(meta_path.with_suffix(".bin"), dtype=meta["dtype"], mode="r",
                      shape=(meta["tokens"],))

@@ -17,7 +17,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from xm2.data.corpus import read_documents, text_source_names
-from xm2.errors import ConfigError
+from xm2.errors import ConfigError, MissingFileError
 
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 
@@ -94,7 +94,7 @@ def train_tokenizer(
         existing = file_digest(output)
         if existing == hashlib.sha256(model.getvalue()).hexdigest():
             return output  # the same tokenizer again: nothing changes
-        raise FileExistsError(
+        raise ConfigError(
             f"tokenizer {output} exists (SHA-256 {existing[:12]}…) and differs from the one just "
             "trained; checkpoints trained with it would no longer load. Write to another --output, "
             "or pass --overwrite true"
@@ -109,7 +109,7 @@ def train_tokenizer(
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"tokenizer {path} is missing; train one with `xm2 train-tokenizer --output {path}`"
         )
     try:
@@ -120,7 +120,7 @@ def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
             "give a .model file written by SentencePiece, or train one with "
             f"`xm2 train-tokenizer --output {path}`") from None
     if processor.eos_id() != EOS_ID:
-        raise ValueError(f"tokenizer {path} has eos id {processor.eos_id()}; xm2 needs {EOS_ID}")
+        raise ConfigError(f"tokenizer {path} has eos id {processor.eos_id()}; xm2 needs {EOS_ID}")
     return processor
 
 

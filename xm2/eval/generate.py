@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from xm2.data.tokenizer import EOS_ID
+from xm2.errors import ConfigError
 from xm2.model import Decoder
 
 
@@ -29,7 +30,7 @@ def context_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> tup
     context (or all of itself, if shorter); a longer prompt is cut to ``context - new``.
     """
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if prompt_tokens < 1:
         raise ValueError("a prompt needs at least one token")
     reserve = min(prompt_tokens, context // 2)
@@ -54,9 +55,9 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 def _check_sampling(temperature: float, top_p: float) -> None:
     if not temperature >= 0.0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 = greedy)")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
 
 
 @torch.inference_mode()
@@ -82,7 +83,7 @@ def generate_ids(model: Decoder, prompt_ids: Sequence[Sequence[int]], max_new_to
     """
     _check_sampling(temperature, top_p)
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
+        raise ConfigError(f"batch_size={batch_size} must be >= 1")
     context = model.config.max_seq_len
     device = model.embed_tokens.weight.device
     generator = None
@@ -231,7 +232,6 @@ def generate_command(
         seed: Seed for sampling.
         tokenizer_path: The tokenizer, if not the one the checkpoint's record names.
     """
-    from xm2.errors import ConfigError
     from xm2.eval.load import load_checkpoint_model
 
     if not prompt:

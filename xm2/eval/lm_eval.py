@@ -44,6 +44,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 
 from xm2.analysis.multiple_choice import LETTERS, score_requests
+from xm2.errors import ConfigError, MissingFileError
 
 MODEL_NAME = "xm2"
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -96,7 +97,7 @@ def _batch_size(value: int | str | None) -> int:
         return DEFAULT_BATCH_SIZE
     size = int(value)
     if size < 1:
-        raise ValueError(f"batch_size={value} must be >= 1")
+        raise ConfigError(f"batch_size={value} must be >= 1")
     return size
 
 
@@ -138,13 +139,13 @@ class Xm2LM(TemplateLM):
         self.seed = int(seed)
         self.info: dict[str, Any] = {}
         if (checkpoint is None) == (model is None):
-            raise ValueError("Xm2LM needs either checkpoint=<path of an xm2 .ckpt> or model= and "
-                             "tokenizer= (not both)")
+            raise ConfigError("Xm2LM needs either checkpoint=<path of an xm2 .ckpt> or model= and "
+                              "tokenizer= (not both)")
         if model is None:
             from xm2.eval.load import load_checkpoint_model
 
             if dtype is not None and dtype not in DTYPES:
-                raise ValueError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+                raise ConfigError(f"dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
             device = resolve_device(device)
             loaded = load_checkpoint_model(checkpoint, device=device,
                                            dtype=DTYPES.get(dtype) if dtype else None,
@@ -185,8 +186,8 @@ class Xm2LM(TemplateLM):
                    if parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
         unknown = sorted(set(arg_dict) - set(allowed))
         if unknown:
-            raise ValueError(f"--model_args {', '.join(unknown)}: not an xm2 model argument; "
-                             f"allowed: {', '.join(allowed)}")
+            raise ConfigError(f"--model_args {', '.join(unknown)}: not an xm2 model argument; "
+                              f"allowed: {', '.join(allowed)}")
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**extra, **arg_dict})
 
@@ -317,9 +318,9 @@ def multiple_choice_task(path: str | Path, name: str | None = None, format: str 
     """
     path = Path(path).resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"multiple-choice file {path} does not exist")
+        raise MissingFileError(f"multiple-choice file {path} does not exist")
     if format not in ("cloze", "letter"):
-        raise ValueError(f"format={format!r}; allowed: cloze, letter")
+        raise ConfigError(f"format={format!r}; allowed: cloze, letter")
     name = name or f"xm2_{path.name.split('.')[0]}_{format}"
     config: dict[str, Any] = {
         "task": name,
@@ -355,7 +356,7 @@ def text_task(path: str | Path, name: str | None = None, text_field: str = "text
     wikitext task."""
     path = Path(path).resolve()
     if not path.is_file():
-        raise FileNotFoundError(f"text file {path} does not exist")
+        raise MissingFileError(f"text file {path} does not exist")
     return {
         "task": name or f"xm2_{path.parent.name}_{path.name.split('.')[0]}_text",
         "dataset_path": "json",

@@ -18,12 +18,12 @@ import time
 
 import numpy as np
 
-from xm2.analysis.eval_data import read_items
 from xm2.analysis.multiple_choice import (
     evaluate_multiple_choice,
     item_requests,
     score_requests,
 )
+from xm2.data.eval_sets import read_items
 from xm2.eval.lm_eval import Xm2LM, evaluate_tasks, multiple_choice_task
 
 

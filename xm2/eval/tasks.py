@@ -21,8 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from xm2.analysis.eval_data import MultipleChoiceItem
 from xm2.analysis.multiple_choice import Request, item_requests
+from xm2.data.eval_sets import MultipleChoiceItem
+from xm2.errors import ConfigError
 
 Group = Literal["commonsense", "reasoning"]
 Kind = Literal["multiple_choice", "generation", "code"]
@@ -388,10 +389,10 @@ def resolve_suite(suite: str | list[str]) -> list[Task]:
     for name in names:
         for task in SUITES.get(name, (name,)):
             if task not in TASKS:
-                raise ValueError(f"unknown suite or task {name!r}; allowed: suites "
-                                 f"{', '.join(SUITES)} or tasks {', '.join(TASKS)}")
+                raise ConfigError(f"unknown suite or task {name!r}; allowed: suites "
+                                  f"{', '.join(SUITES)} or tasks {', '.join(TASKS)}")
             if task not in chosen:
                 chosen.append(task)
     if not chosen:
-        raise ValueError(f"suite {suite!r} names no task; allowed: {', '.join(SUITES)}")
+        raise ConfigError(f"suite {suite!r} names no task; allowed: {', '.join(SUITES)}")
     return [TASKS[name] for name in chosen]

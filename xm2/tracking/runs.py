@@ -1,4 +1,4 @@
-"""What every study shares: an MLflow parent run, child runs of real fits, and figures as PNGs.
+"""Runs addressed by id: a study's parent run, its child runs of real fits, and figures as PNGs.
 
 A study (coordinate check, µTransfer sweep, wind tunnel, decay study) is one *parent* run that
 holds the study's settings, summary metrics and figures, with one *child* run per training run
@@ -6,12 +6,12 @@ under it. :class:`TrackedRun` addresses a run by id through ``MlflowClient`` and
 MLflow's process-global "active run", so it works beside Lightning's ``MLFlowLogger``, in worker
 processes that share a study, and when a study is resumed by another process
 (:meth:`TrackedRun.attach`). A child is a run tagged ``mlflow.parentRunId``, which is all that
-MLflow's nesting is; :meth:`TrackedRun.child_logger` gives a Lightning logger that creates one.
+MLflow's nesting is; :meth:`TrackedRun.child_args` gives the ``xm2 fit`` words whose run is one.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -38,15 +38,6 @@ def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # Another worker process created it between the lookup and the create.
         return client.get_experiment_by_name(name).experiment_id
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's per-fit announcements (devices, hooks, summaries) out of study output.
-
-    A study runs dozens of fits; only warnings and errors of each are worth printing.
-    """
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class TrackedRun:
@@ -95,6 +86,16 @@ class TrackedRun:
         run = client.get_run(run_id)  # raises if there is no such run
         experiment = client.get_experiment(run.info.experiment_id)
         return cls(tracking_uri, experiment.name, run_id)
+
+    def child_args(self, run_name: str, tags: Mapping[str, object] | None = None) -> list[str]:
+        """``xm2 fit`` words that send a run's logger into a new child run of this run: the
+        run is then logged exactly as ``xm2 fit`` logs it, nested under this one."""
+        all_tags = {key: str(value) for key, value in (tags or {}).items()}
+        settings = {"experiment_name": self.experiment_name, "tracking_uri": self.tracking_uri,
+                    "run_name": run_name, "run_id": None,
+                    "tags": {**all_tags, "mlflow.parentRunId": self.run_id}}
+        return [f"--trainer.logger.init_args.{key}={json.dumps(value)}"
+                for key, value in settings.items()]
 
     def child_logger(self, run_name: str, tags: Mapping[str, object] | None = None) -> MLFlowLogger:
         """A Lightning ``MLFlowLogger`` that creates a child run of this run on first use."""

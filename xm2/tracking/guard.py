@@ -1,7 +1,7 @@
-"""MLflow tracking that never stops training: run identity, an outage guard, branch lineage.
+"""The MLflow outage guard: training never stops because the tracking server went away.
 
-If the tracking server stops answering mid-run, :class:`TrackingGuard` (wrapped around the
-logger's ``MlflowClient``) says so at once, keeps every metric, parameter, tag and artefact in a
+If the tracking server stops answering mid-run, :class:`TrackingGuard` (which the xm2 logger puts
+in front of its ``MlflowClient``) says so at once, keeps every metric, parameter, tag and artefact in a
 local backlog file, and sends the backlog when the server answers again, or later with
 ``xm2 tracking-sync <backlog>``. Training and checkpointing go on meanwhile.
 """
@@ -9,39 +9,14 @@ local backlog file, and sends the backlog when the server answers again, or late
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-# A dead server must be noticed in seconds, not after MLflow's default 7 retries with backoff.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+from xm2.tracking import DEFAULT_TRACKING_URI
+
 FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 10.0, 300.0
-# Tags of a decay branch's run (see xm2.cli and ``branches``).
-PARENT_RUN_TAG, SOURCE_STEP_TAG = "xm2.parent_run_id", "xm2.source_step"
-SOURCE_TOKENS_TAG, DECAY_STEPS_TAG = "xm2.source_tokens", "xm2.decay_steps"
-
-
-def use_quick_http_failures() -> None:
-    """Make MLflow HTTP calls fail within seconds unless the user chose otherwise."""
-    for name, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-
-
-def run_identity(logger: Any) -> dict:
-    """Experiment and run of a Lightning logger, as recorded in checkpoints."""
-    if logger is None:
-        return {}
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    if isinstance(logger, MLFlowLogger):
-        return {"run_id": logger.run_id, "experiment_id": logger.experiment_id,
-                "experiment_name": logger._experiment_name, "run_name": logger._run_name,
-                "tracking_uri": logger._tracking_uri}
-    return {"run_id": None if logger.version is None else str(logger.version),
-            "experiment_name": logger.name}
 
 
 def _is_outage(error: Exception) -> bool:
@@ -261,7 +236,7 @@ def send_backlog(path: str | Path, client: Any) -> int:
     return len(entries)
 
 
-def tracking_sync(backlog: str, tracking_uri: str = "sqlite:///mlflow.db") -> int:
+def tracking_sync(backlog: str, tracking_uri: str = DEFAULT_TRACKING_URI) -> int:
     """Send the records a run kept while its MLflow tracking server was away.
 
     Args:
@@ -275,103 +250,3 @@ def tracking_sync(backlog: str, tracking_uri: str = "sqlite:///mlflow.db") -> in
     sent = send_backlog(backlog, MlflowClient(tracking_uri))
     print(f"sent {sent} records from {backlog} to {tracking_uri}")
     return sent
-
-
-def guard_logger(logger: Any, backlog_dir: str | Path) -> TrackingGuard | None:
-    """Wrap an ``MLFlowLogger`` that talks to a server in a :class:`TrackingGuard`."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    if not isinstance(logger, MLFlowLogger) or not logger._tracking_uri.startswith("http"):
-        return None  # a local store fails like the disk it is on: loudly
-    if not isinstance(logger._mlflow_client, TrackingGuard):
-        logger._mlflow_client = TrackingGuard(logger._mlflow_client, logger._tracking_uri,
-                                              backlog_dir)
-    return logger._mlflow_client
-
-
-def log_params_once(logger: Any, run_id: str) -> None:
-    """Let a resumed run log its parameters again when some of them changed.
-
-    MLflow refuses to change a logged parameter, and a resume may change a safe setting
-    (``data.num_workers``, a data path, ``val_batches_per_source``). The run keeps the values it
-    was started with; each change is recorded as the tag ``xm2.changed_on_resume.<key>``.
-    """
-    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
-    from lightning.pytorch.loggers import MLFlowLogger
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if not isinstance(logger, MLFlowLogger):
-        return
-    log_all = logger.log_hyperparams
-
-    def log_hyperparams(params) -> None:
-        if rank_zero_only.rank != 0:
-            return
-        logged = logger.experiment.get_run(run_id).data.params
-        flat = _flatten_dict(_convert_params(params))
-        changed = {key: value for key, value in flat.items()
-                   if key in logged and logged[key] != str(value)[:250]}
-        log_all({key: value for key, value in flat.items() if key not in changed})
-        for key, value in changed.items():
-            logger.experiment.set_tag(run_id, f"xm2.changed_on_resume.{key}",
-                                      f"{logged[key]} -> {value}")
-
-    logger.log_hyperparams = log_hyperparams
-
-
-def log_missing_step_metrics(logger: Any, run_id: str, record: dict) -> None:
-    """Log the checkpoint's last-step metrics if the killed run never got to log them."""
-    from lightning.pytorch.utilities import rank_zero_only
-
-    metrics = record.get("last_step_metrics") or {}
-    step = (record.get("global_step") or 0) - 1
-    if not metrics or step < 0 or rank_zero_only.rank != 0:
-        return
-    logged = {int(point.step) for point in logger.experiment.get_metric_history(run_id, "train/loss")}
-    if step not in logged:
-        logger.log_metrics(metrics, step=step)
-
-
-def branches(run_id: str, tracking_uri: str = "sqlite:///mlflow.db") -> list[dict]:
-    """The decay branches of a run: one row per branch, ordered by source step.
-
-    Args:
-        run_id: The MLflow run the branches were started from.
-        tracking_uri: Where runs are tracked.
-    """
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    parent = client.get_run(run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`{PARENT_RUN_TAG}` = '{run_id}'")
-    rows = [{
-        "run_id": run.info.run_id,
-        "run_name": run.info.run_name,
-        "status": run.info.status,
-        "source_step": int(run.data.tags[SOURCE_STEP_TAG]),
-        "source_tokens": int(float(run.data.tags.get(SOURCE_TOKENS_TAG) or 0)),
-        "decay_steps": int(run.data.tags.get(DECAY_STEPS_TAG) or 0),
-        "decay_style": run.data.params.get("schedule/decay_style"),
-        "val_loss": run.data.metrics.get("val/loss"),
-    } for run in runs]
-    return sorted(rows, key=lambda row: (row["source_step"], row["run_name"] or ""))
-
-
-def print_branches(run_id: str, tracking_uri: str = "sqlite:///mlflow.db") -> None:
-    """List the decay branches started from a run (see ``xm2 fit --branch_from``).
-
-    Args:
-        run_id: The MLflow run the branches were started from.
-        tracking_uri: Where runs are tracked.
-    """
-    rows = branches(run_id, tracking_uri)
-    if not rows:
-        print(f"run {run_id} has no decay branches")
-        return
-    print(f"{'source step':>11}  {'decay steps':>11}  {'style':<11}  {'val/loss':>8}  "
-          f"{'status':<9}  run")
-    for row in rows:
-        loss = "" if row["val_loss"] is None else f"{row['val_loss']:.4f}"
-        print(f"{row['source_step']:>11}  {row['decay_steps']:>11}  {row['decay_style'] or '':<11}  "
-              f"{loss:>8}  {row['status']:<9}  {row['run_name']} ({row['run_id']})")

@@ -1,0 +1,260 @@
+"""The one way to run: a training or evaluation run built exactly as ``xm2 fit`` builds it.
+
+    from xm2.run import run
+    result = run("fit", ["config/nano.yaml"], ["--trainer.max_steps=60"])
+    result.status, result.run_id, result.metrics["val/loss"], result.last_checkpoint
+
+A run is config files (or mappings, written as YAML) composed in order plus command-line words,
+parsed by ``xm2 fit``'s parser (LightningCLI/jsonargparse: its links, ``callbacks+:``, later
+``--config`` wins), checked before anything is opened, trained with verified checkpoint files and
+tracked by the recipe's logger. ``xm2 fit``/``validate``/``test`` are :func:`run` on their command
+line; the wind tunnel, the µTransfer sweep, the decay study and the coordinate check build their
+runs here too, so anything a user can write after ``xm2 fit`` works the same inside a study.
+
+A study may add callback objects (``callbacks``), change the parsed config before anything is
+built (``adjust``: e.g. drop the checkpointing of a measured trial) and run in-process or, with
+``isolated=True``, as an ``xm2`` subprocess (a crash or a leak there cannot take the study down).
+A run whose loss diverged is a result (``status == "diverged"``); any other failure raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from xm2.errors import RunFailed, TrainingDiverged
+
+RESULT_FILE_VARIABLE = "XM2_RUN_RESULT"
+"""Set for an isolated run: the ``xm2`` subprocess writes its :class:`RunResult` there as JSON."""
+
+Config = str | Path | Mapping[str, Any]
+"""A config file (a path, or a preset shipped with xm2) or a mapping of settings."""
+
+
+@dataclass
+class RunResult:
+    """What happened in a run."""
+
+    status: Literal["finished", "diverged"]
+    run_id: str | None
+    """MLflow run of the xm2 logger (None without one)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The trainer's last value of every logged scalar (``val/loss``, ``train/loss``, ...)."""
+    steps: int = 0
+    """Optimizer steps done (less than trainer.max_steps if a callback stopped the run)."""
+    last_checkpoint: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    """Checkpoint files kept by the run's ModelCheckpoint, oldest first."""
+    seconds: float = 0.0
+    """Wall time of the whole run: parsing, instantiation, training, validation."""
+    fit_seconds: float = 0.0
+    """Wall time from the trainer's creation to the end (the rest is parsing and building)."""
+    error: str | None = None
+    """Why a diverged run was stopped."""
+
+
+def config_arguments(configs: Sequence[Config]) -> list[str]:
+    """``--config`` words for config files (shipped presets found by name) and mappings."""
+    from xm2.presets import resolve_config
+
+    words = []
+    for config in configs:
+        if isinstance(config, Mapping):
+            words += ["--config", yaml.safe_dump(_plain(config), sort_keys=False)]
+        else:
+            words += ["--config", resolve_config(str(config))]
+    return words
+
+
+def run(
+    subcommand: Literal["fit", "validate", "test"] = "fit",
+    configs: Sequence[Config] = (),
+    args: Sequence[str] = (),
+    *,
+    callbacks: Sequence[Any] = (),
+    adjust: Callable[[Any], None] | None = None,
+    quiet: bool = False,
+    isolated: bool = False,
+    command: list[str] | None = None,
+) -> RunResult:
+    """Build and run ``xm2 <subcommand>`` from ``configs`` then ``args`` (command-line words).
+
+    Args:
+        subcommand: fit, validate or test.
+        configs: Config files or mappings, composed in order (later wins), before ``args``.
+        args: Further command-line words, exactly as after ``xm2 fit`` (``--config``, overrides).
+        callbacks: Callback objects added to the recipe's (not with ``isolated``).
+        adjust: Called with the parsed config of the subcommand before anything is built.
+        quiet: Keep Lightning's per-run announcements out of the output (studies run many).
+        isolated: Run as an ``xm2`` subprocess; its output is kept unless it fails.
+        command: How the user started the process, for the printed ``validate`` command.
+    """
+    words = [subcommand, *config_arguments(configs), *args]
+    if isolated:
+        if callbacks or adjust:
+            raise ValueError("an isolated run takes no callback objects or adjust function")
+        return _run_subprocess(words)
+    return _run_here(words, list(callbacks), adjust, quiet, command or ["xm2", *words])
+
+
+def resolve(subcommand: Literal["fit", "validate", "test"] = "fit", configs: Sequence[Config] = (),
+            args: Sequence[str] = ()) -> dict:
+    """The complete config ``xm2 <subcommand>`` would run (parsed and linked, every default
+    filled in), as a dict, without building or opening anything."""
+    from xm2.lightning_cli import Xm2CLI
+
+    class Parsed(Exception):
+        def __init__(self, config: Any) -> None:
+            self.config = config
+
+    def stop(config: Any) -> None:
+        raise Parsed(config)
+
+    try:
+        _build(Xm2CLI, [subcommand, *config_arguments(configs), *args], adjust=stop)
+    except Parsed as parsed:
+        return parsed.config.as_dict()
+    raise AssertionError("the parser returned without reaching adjust")  # cannot happen
+
+
+def config_text(subcommand: Literal["fit", "validate", "test"] = "fit",
+                configs: Sequence[Config] = (), args: Sequence[str] = ()) -> str:
+    """What ``xm2 <subcommand> ... --print_config`` prints: a complete config that runs as is."""
+    import contextlib
+    import io
+
+    from xm2.lightning_cli import Xm2CLI
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        _build(Xm2CLI, [subcommand, *config_arguments(configs), *args, "--print_config"])
+    return printed.getvalue()
+
+
+def _build(cli_class: type, words: list[str], **kwargs: Any) -> Any:
+    """The CLI object of ``words``: the one place that constructs it, for every run."""
+    from xm2.data.datamodule import MixtureDataModule
+    from xm2.lightning_cli import TrackConfig
+    from xm2.module import Xm2Module
+
+    with warnings.catch_warnings():
+        # Lightning warns when a command line exists beside args; here args is the whole run.
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+        return cli_class(Xm2Module, MixtureDataModule, save_config_callback=TrackConfig,
+                         save_config_kwargs={"save_to_log_dir": False},
+                         auto_configure_optimizers=False, args=words[:], **kwargs)
+
+
+def _run_here(words: list[str], callbacks: list, adjust: Callable[[Any], None] | None,
+              quiet: bool, command: list[str]) -> RunResult:
+    from xm2.lightning_cli import Xm2CLI
+
+    quiet_lightning_noise()
+    if quiet:
+        quiet_lightning()
+    started = time.perf_counter()
+    built: dict[str, Any] = {}
+
+    def on_trainer(trainer: Any) -> None:
+        built.update(trainer=trainer, at=time.perf_counter())
+
+    try:
+        _build(Xm2CLI, words, trainer_defaults={"callbacks": callbacks} if callbacks else {},
+               command=command, adjust=adjust, on_trainer=on_trainer)
+    except TrainingDiverged as error:
+        return _outcome(built, "diverged", str(error), started)
+    return _outcome(built, "finished", None, started)
+
+
+def _outcome(built: dict, status: str, error: str | None, started: float) -> RunResult:
+    now = time.perf_counter()
+    trainer = built.get("trainer")
+    if trainer is None:  # diverged before the trainer existed: cannot happen, but say so
+        return RunResult(status, None, seconds=now - started, error=error)
+    checkpointing = trainer.checkpoint_callback
+    kept = sorted(getattr(checkpointing, "best_k_models", {}) or {}, key=_step_of)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
+               if getattr(value, "numel", lambda: 1)() == 1}
+    return RunResult(
+        status=status, run_id=_run_id(trainer.logger), metrics=metrics,
+        steps=trainer.global_step,
+        last_checkpoint=getattr(checkpointing, "last_model_path", None) or None,
+        checkpoints=[str(path) for path in kept], seconds=now - started,
+        fit_seconds=now - built["at"], error=error)
+
+
+def _run_id(logger: Any) -> str | None:
+    """The logger's MLflow run, without opening one for a run that never logged."""
+    if logger is None or not getattr(logger, "opened", True):
+        return None
+    return getattr(logger, "run_id", None)
+
+
+def _step_of(path: str) -> float:
+    stem = Path(path).stem
+    return float(stem.split("step=")[-1]) if "step=" in stem and stem.split("step=")[-1].isdigit() \
+        else float("inf")
+
+
+def _run_subprocess(words: list[str]) -> RunResult:
+    with tempfile.TemporaryDirectory(prefix="xm2-run-") as folder:
+        result_file = Path(folder) / "result.json"
+        completed = subprocess.run([sys.executable, "-m", "xm2.cli", *words],
+                                   env={**os.environ, RESULT_FILE_VARIABLE: str(result_file)},
+                                   capture_output=True, text=True)
+        if result_file.is_file():
+            return RunResult(**json.loads(result_file.read_text()))
+    lines = completed.stderr.strip().splitlines()
+    said = [line for line in lines if line.startswith("xm2: error: ")]
+    if said:  # the run's own one-line error says what to fix
+        raise RunFailed(f"`xm2 {' '.join(words[:1])}` failed: {said[-1].removeprefix('xm2: error: ')}")
+    raise RunFailed(f"`xm2 {' '.join(words[:1])}` exited with status {completed.returncode}:\n"
+                    + "\n".join(lines[-40:]))
+
+
+def main(words: list[str], command: list[str]) -> None:
+    """``xm2 fit|validate|test ...``: :func:`run` on the command line; a divergence is an error."""
+    result = run(words[0], args=words[1:], command=command)
+    if os.environ.get(RESULT_FILE_VARIABLE):
+        Path(os.environ[RESULT_FILE_VARIABLE]).write_text(json.dumps(asdict(result)))
+    if result.status == "diverged":
+        raise TrainingDiverged(result.error)
+
+
+def quiet_lightning_noise() -> None:
+    """Drop two messages that every run prints and no xm2 user can act on."""
+    # Lightning's own pytree helper trips a torch deprecation on every validation loop.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # An advertisement for a hosted logger; xm2 logs to MLflow.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("💡 Tip:"))
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's per-run announcements (devices, hooks, summaries) out of study output.
+
+    A study runs dozens of fits; only warnings and errors of each are worth printing.
+    """
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _plain(value: Any) -> Any:
+    """A mapping of settings as YAML can write it (tuples as lists)."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value

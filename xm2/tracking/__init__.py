@@ -1,0 +1,68 @@
+"""Tracking: the one home of everything xm2 tells MLflow.
+
+- :mod:`xm2.tracking.logger`: ``Xm2MLFlowLogger``, the logger every recipe names; it owns the
+  run's labelled parameters, parameters on resume, git tags, run identity and the outage guard.
+- :mod:`xm2.tracking.record`: how callbacks hand metrics, figures and tables to a trainer's loggers.
+- :mod:`xm2.tracking.runs`: ``TrackedRun``, a run addressed by id, for studies (a parent run
+  with child runs) and evaluations.
+- :mod:`xm2.tracking.lineage`: resumes, decay branches and evaluations of a checkpoint: which
+  run they log into and how they are tagged; ``xm2 branches``.
+- :mod:`xm2.tracking.guard`: the outage guard and its backlog; ``xm2 tracking-sync``.
+
+This module imports nothing heavy (no Lightning, no MLflow): ``xm2 --help`` imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""The local SQLite store in the working directory, where every command logs by default."""
+
+# Tags of a decay branch's run (see xm2.tracking.lineage and ``xm2 branches``).
+PARENT_RUN_TAG, SOURCE_STEP_TAG = "xm2.parent_run_id", "xm2.source_step"
+SOURCE_TOKENS_TAG, DECAY_STEPS_TAG = "xm2.source_tokens", "xm2.decay_steps"
+
+# A dead server must be noticed in seconds, not after MLflow's default 7 retries with backoff.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def use_quick_http_failures() -> None:
+    """Make MLflow HTTP calls fail within seconds unless the user chose otherwise."""
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def run_identity(logger: Any) -> dict:
+    """Experiment and run of a Lightning logger, as recorded in checkpoints."""
+    if logger is None:
+        return {}
+    if hasattr(logger, "identity"):  # Xm2MLFlowLogger
+        return logger.identity()
+    return {"run_id": None if logger.version is None else str(logger.version),
+            "experiment_name": logger.name}
+
+
+def git_tags() -> dict[str, str]:
+    """``xm2.git_commit`` and ``xm2.git_dirty`` of the xm2 code that runs ("unknown" outside git)."""
+    folder = Path(__file__).resolve().parents[2]
+
+    def git(*words: str) -> str | None:
+        try:
+            result = subprocess.run(["git", "-C", str(folder), *words], capture_output=True,
+                                    text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"xm2.git_commit": "unknown", "xm2.git_dirty": "unknown"}
+    # Untracked files do not change what runs; modified tracked files do.
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"xm2.git_commit": commit,
+            "xm2.git_dirty": "unknown" if changes is None else str(bool(changes)).lower()}
