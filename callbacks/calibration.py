@@ -50,9 +50,11 @@ class AnalysisSchedule(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         step = trainer.global_step
         schedule = getattr(pl_module, "schedule", None)
-        decay_start = getattr(schedule, "decay_start_step", None)
+        # The first step of the decay: the end of the stable phase.
+        at_decay_start = (schedule is not None and step > 0 and schedule.phase(step) == "decay"
+                          and schedule.phase(step - 1) != "decay")
         if (self.every_n_steps and step > 0 and step % self.every_n_steps == 0) or (
-                self.at_decay_start and step > 0 and step == decay_start):
+                self.at_decay_start and at_decay_start):
             self._run(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module) -> None:

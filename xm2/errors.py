@@ -51,6 +51,10 @@ class NonFiniteLossError(TrainingDiverged):
     """The loss or the gradients were NaN/inf for more steps in a row than allowed."""
 
 
+class MissingPackageError(Xm2Error, ModuleNotFoundError):
+    """An optional package that the command needs is not installed; the message says how to."""
+
+
 class RunFailed(Xm2Error, RuntimeError):
     """A run started as a subprocess failed; the message carries its own error or output."""
 
@@ -91,9 +95,11 @@ def _tracking_failure(error: BaseException) -> BaseException | None:
                 url = message.removeprefix("API request to ").split(" failed with")[0]
                 # MLflow names the full URL, or only the endpoint when the request never left.
                 where = f"at {url}" if url.startswith("http") else f"({message[:300]})"
+                from xm2.tracking import DEFAULT_TRACKING_URI
+
                 return TrackingError(f"the MLflow tracking server does not answer {where}; start "
                                      "it, or log to a local store with --trainer.logger.init_args."
-                                     "tracking_uri sqlite:///mlflow.db")
+                                     f"tracking_uri {DEFAULT_TRACKING_URI}")
     return None
 
 

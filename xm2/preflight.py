@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import yaml
 
 from xm2.errors import ConfigError, TrackingError
+from xm2.tracking import DEFAULT_TRACKING_URI
 
 # Seconds to wait for a tracking server to answer: a live one answers in milliseconds, and
 # MLflow's own retries would take minutes to give up.
@@ -47,7 +48,7 @@ def check_tracking_uri(uri: str | None) -> None:
             raise TrackingError(
                 f"the MLflow tracking server {uri} does not answer ({problem}); start it (e.g. "
                 f"`mlflow server --host 127.0.0.1 --port {port}`) or log to a local store with "
-                "--trainer.logger.init_args.tracking_uri sqlite:///mlflow.db")
+                f"--trainer.logger.init_args.tracking_uri {DEFAULT_TRACKING_URI}")
     elif parsed.scheme == "sqlite":
         store = sqlite_path(uri)
         if store is not None and not store.exists():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from xm2.errors import CheckpointError, ConfigError
+from xm2.schedule import WSDSchedule
 
 Mode = Literal["resume", "branch", "evaluate"]
 
@@ -149,7 +150,7 @@ def plan_branch(checkpoint: Mapping, path: str, decay_steps: int | None,
     step = int(checkpoint["global_step"])
     schedule = (checkpoint.get("hyper_parameters") or {}).get("schedule") or {}
     warmup, decay_start = schedule.get("warmup_steps", 0), schedule.get("decay_start_step")
-    if decay_start is not None and not warmup <= step < decay_start:
+    if decay_start is not None and WSDSchedule(warmup, decay_start).phase(step) != "stable":
         raise CheckpointError(
             f"--branch_from {path}: the checkpoint is at step {step}, outside its run's stable "
             f"phase (steps {warmup} to {decay_start - 1}); branch from a stable-phase checkpoint"

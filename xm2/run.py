@@ -78,6 +78,13 @@ def config_arguments(configs: Sequence[Config]) -> list[str]:
     return words
 
 
+def override_args(settings: Mapping[str, Any]) -> list[str]:
+    """Command-line words that set each dotted config path, as ``--model.optimizer.lr=0.02``
+    would (strings as they are, anything else as JSON, which the parser reads as YAML)."""
+    return [f"--{path}={value if isinstance(value, str) else json.dumps(_plain(value))}"
+            for path, value in settings.items()]
+
+
 def run(
     subcommand: Literal["fit", "validate", "test"] = "fit",
     configs: Sequence[Config] = (),

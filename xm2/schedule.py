@@ -14,6 +14,14 @@ from typing import Literal
 from xm2.errors import ConfigError
 
 DecayStyle = Literal["exponential", "linear", "cosine", "1-sqrt"]
+Phase = Literal["warmup", "stable", "decay"]
+DataPhase = Literal["stable", "decay"]
+
+
+def data_phase(step: int, decay_start_step: int | None) -> DataPhase:
+    """The mixture phase of optimizer step ``step``: the warmup trains on the stable mixture, and
+    the decay mixture starts with the decay (never, if ``decay_start_step`` is None)."""
+    return "decay" if decay_start_step is not None and step >= decay_start_step else "stable"
 
 
 @dataclass
@@ -45,6 +53,16 @@ class WSDSchedule:
                 f"schedule decay_start_step={self.decay_start_step} is inside the warmup "
                 f"(warmup_steps={self.warmup_steps}); allowed: warmup_steps <= decay_start_step"
             )
+
+    def phase(self, step: int) -> Phase:
+        """The schedule's phase at optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return "warmup"
+        return "stable" if data_phase(step, self.decay_start_step) == "stable" else "decay"
+
+    def data_phase(self, step: int) -> DataPhase:
+        """The data mixture's phase at optimizer step ``step`` (see :func:`data_phase`)."""
+        return data_phase(step, self.decay_start_step)
 
     def check_run_length(self, total_steps: int) -> None:
         """Refuse a decay start that is not inside a run of ``total_steps`` steps."""

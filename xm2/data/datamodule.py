@@ -18,6 +18,7 @@ from xm2.data.tokenizer import (
     train_tokenizer,
 )
 from xm2.errors import CheckpointError, ConfigError
+from xm2.schedule import WSDSchedule
 
 DEFAULT_STABLE = {"prose": 0.4, "code": 0.3, "docs": 0.3}
 # About 64% instruction data in the decay phase, as in Xmodel-2.
@@ -34,8 +35,8 @@ class MixtureDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        stable: dict[str, float] | None = None,
-        decay: dict[str, float] | None = None,
+        stable: dict[str, float] = DEFAULT_STABLE,
+        decay: dict[str, float] = DEFAULT_DECAY,
         corpus_dir: str = "data/corpus",
         tokenizer_path: str | None = None,
         shards_dir: str = "artifacts/shards",
@@ -45,12 +46,13 @@ class MixtureDataModule(L.LightningDataModule):
         num_workers: int = 0,
         vocab_size: int = 4096,
         seq_len: int = 256,
-        decay_start_step: int = 240,
+        decay_start_step: int = WSDSchedule.decay_start_step,
     ) -> None:
         """
         Args:
-            stable: Source name to weight in the stable phase.
-            decay: Source name to weight in the decay phase (from decay_start_step on).
+            stable: Source name to weight in the stable phase (and the warmup).
+            decay: Source name to weight in the decay phase (from decay_start_step on); the
+                default is about 64% instruction data, as in Xmodel-2.
             corpus_dir: The bundled corpus (see data/CARD.md).
             tokenizer_path: SentencePiece model; default artifacts/tokenizers/unigram-<vocab>.model,
                 trained on first use.
@@ -66,9 +68,8 @@ class MixtureDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         known = corpus_source_names(corpus_dir)
-        self.stable = normalized_weights(DEFAULT_STABLE if stable is None else stable, known,
-                                         "stable")
-        self.decay = normalized_weights(DEFAULT_DECAY if decay is None else decay, known, "decay")
+        self.stable = normalized_weights(stable, known, "stable")
+        self.decay = normalized_weights(decay, known, "decay")
         for name, value in (("batch_size", batch_size), ("seq_len", seq_len),
                             ("val_batches_per_source", val_batches_per_source)):
             if value < 1:

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from xm2.errors import ConfigError
+from xm2.schedule import data_phase
 
 PHASES = ("stable", "decay")
 
@@ -91,7 +92,7 @@ class MixtureBatches(IterableDataset):
         self.start_step = start_step
 
     def phase(self, step: int) -> str:
-        return "decay" if step >= self.decay_start_step else "stable"
+        return data_phase(step, self.decay_start_step)
 
     def batch(self, microbatch: int) -> dict:
         """This rank's ``microbatch``-th micro-batch since step 0."""

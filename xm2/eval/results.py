@@ -18,6 +18,7 @@ import numpy as np
 
 from xm2.errors import ConfigError
 from xm2.eval.tasks import TASKS
+from xm2.tracking import DEFAULT_TRACKING_URI
 
 SCORE_SCALE = 100.0
 """Scores in the table are percentages, as in the paper."""
@@ -189,7 +190,7 @@ def rows_from_report(report: dict) -> list[CheckpointResults]:
             for row in report["checkpoints"]]
 
 
-def read_results(tracking_uri: str = "sqlite:///mlflow.db", experiment_name: str = "xm2",
+def read_results(tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str = "xm2",
                  run_id: str | None = None) -> dict:
     """The results JSON of an ``xm2 evaluate`` run (the newest one if ``run_id`` is None)."""
     import mlflow

@@ -33,6 +33,7 @@ from xm2.data.eval_sets import (
 from xm2.errors import ConfigError, MissingFileError
 from xm2.eval.results import CheckpointResults, TaskResult, csv_table, markdown_table, timing_lines
 from xm2.eval.tasks import Task, resolve_suite
+from xm2.tracking import DEFAULT_TRACKING_URI
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -250,7 +251,7 @@ def evaluate(
     tokenizer_path: str | None = None,
     device: str = "cpu",
     threads: int | None = None,
-    tracking_uri: str = "sqlite:///mlflow.db",
+    tracking_uri: str = DEFAULT_TRACKING_URI,
     experiment_name: str = "xm2",
     output: str | None = None,
 ) -> dict:

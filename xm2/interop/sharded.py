@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from xm2.checkpoint import CheckpointError, save_checkpoint_file
+from xm2.checkpoint import save_checkpoint_file
+from xm2.errors import CheckpointError
 
 META_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
 

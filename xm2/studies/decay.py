@@ -1,6 +1,7 @@
 """The decay study: WSD branches from several points of one stable run, and the decay-data question.
 
-Each branch is a real ``xm2 fit --branch_from`` of a retained stable-phase checkpoint, decaying
+Each branch is a real ``xm2 fit --branch_from`` (an ``xm2`` process started by
+:func:`xm2.run.run`) of a retained stable-phase checkpoint, decaying
 for the same fraction of the tokens its source had seen. The study's MLflow run holds the figure of
 the branches' validation losses against the stable trajectory (the WSD picture: each decay drops
 below the stable curve, later ones end lower) and, at one point, a second branch that decays on
@@ -12,19 +13,20 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 
-from xm2.checkpoint import CheckpointError, find_checkpoints
-from xm2.studies.tracked import TrackedRun
-from xm2.tracking import branches
+from xm2.checkpoint import find_checkpoints
+from xm2.errors import CheckpointError, ConfigError
+from xm2.run import override_args, resolve, run
+from xm2.schedule import data_phase
+from xm2.tracking import DEFAULT_TRACKING_URI
+from xm2.tracking.lineage import branches
+from xm2.tracking.runs import TrackedRun
 
 STUDY_TAG, MIXTURE_TAG = "xm2.decay_study", "xm2.decay_mixture"
 
@@ -44,33 +46,20 @@ def stable_checkpoints(root: str | Path, run_id: str) -> dict[int, Path]:
         step = record.get("global_step")
         decay_start = record.get("decay_start_step")
         if (record.get("run_id") == run_id and path.name != "last.ckpt" and step
-                and (decay_start is None or step < decay_start)):
+                and data_phase(step, decay_start) == "stable"):
             found[int(step)] = path
     return dict(sorted(found.items()))
-
-
-def _mixture(configs: list[str], overrides: list[str], phase: str) -> dict:
-    """The data.<phase> mixture the configs compose to (later files win, as in the CLI)."""
-    mixture = None
-    for config in configs:
-        data = (yaml.safe_load(Path(config).read_text()) or {}).get("data") or {}
-        mixture = data.get(phase, mixture)
-    if f"--data.{phase}" in overrides:
-        mixture = yaml.safe_load(overrides[overrides.index(f"--data.{phase}") + 1])
-    if not mixture:
-        raise ValueError(f"no data.{phase} mixture in {configs}; the decay-data comparison needs it")
-    return mixture
 
 
 def stable_mix_for_decay(configs: list[str], overrides: list[str]) -> dict:
     """The stable mixture as a decay mixture, with the decay-only sources at weight 0.
 
-    Sources at weight 0 are never sampled but are still validated, so both branches of the
-    comparison report the instruction sources' held-out loss.
+    The mixtures are those ``xm2 fit`` would train with for these configs and overrides. Sources
+    at weight 0 are never sampled but are still validated, so both branches of the comparison
+    report the instruction sources' held-out loss.
     """
-    stable = _mixture(configs, overrides, "stable")
-    decay = _mixture(configs, overrides, "decay")
-    return {**{name: 0.0 for name in decay}, **stable}
+    data = resolve("fit", configs, overrides)["data"]
+    return {**{name: 0.0 for name in data["decay"]}, **data["stable"]}
 
 
 def _history(client: MlflowClient, run_id: str, metric: str) -> dict[int, float]:
@@ -85,7 +74,7 @@ def _interpolate(curve: dict[int, float], step: int) -> float:
 def decay_study(
     stable_run_id: str,
     configs: list[str] | None = None,
-    tracking_uri: str = "sqlite:///mlflow.db",
+    tracking_uri: str = DEFAULT_TRACKING_URI,
     runs_dir: str = "artifacts/runs",
     points: list[int] | None = None,
     decay_fraction: float = 0.2,
@@ -110,7 +99,7 @@ def decay_study(
     configs = configs or ["config/nano.yaml"]
     overrides = overrides or []
     if not 0 < decay_fraction <= 1:
-        raise ValueError(f"decay_fraction={decay_fraction} must be in (0, 1]")
+        raise ConfigError(f"decay_fraction={decay_fraction} must be in (0, 1]")
     available = stable_checkpoints(runs_dir, stable_run_id)
     if not available:
         raise CheckpointError(
@@ -123,7 +112,7 @@ def decay_study(
                               f"retained stable-phase steps: {list(available)}")
     mixture_point = points[-1] if mixture_point is None else mixture_point
     if mixture_point not in points:
-        raise ValueError(f"mixture_point={mixture_point} is not one of the points {points}")
+        raise ConfigError(f"mixture_point={mixture_point} is not one of the points {points}")
     plan = [Branch(p, max(1, round(decay_fraction * p)), "decay", available[p]) for p in points]
     plan.append(Branch(mixture_point, max(1, round(decay_fraction * mixture_point)), "stable",
                        available[mixture_point]))
@@ -163,30 +152,30 @@ def decay_study(
 def _run_branch(branch: Branch, configs: list[str], overrides: list[str], tracking_uri: str,
                 stable_name: str, study_id: str) -> None:
     tags = {STUDY_TAG: study_id, MIXTURE_TAG: branch.mixture}
-    command = [sys.executable, "-m", "xm2.cli", "fit",
-               *(word for path in configs for word in ("--config", path)), *overrides,
-               "--branch_from", str(branch.checkpoint),
-               "--branch_decay_steps", str(branch.decay_steps),
-               # Validation lands on the branch's last step and along its decay.
-               "--trainer.val_check_interval", str(math.gcd(branch.source_step, branch.decay_steps)),
-               "--trainer.logger.init_args.tracking_uri", tracking_uri,
-               "--trainer.logger.init_args.tags", json.dumps(tags)]
+    args = [*overrides, "--branch_from", str(branch.checkpoint),
+            "--branch_decay_steps", str(branch.decay_steps),
+            *override_args({
+                # Validation lands on the branch's last step and along its decay.
+                "trainer.val_check_interval": math.gcd(branch.source_step, branch.decay_steps),
+                "trainer.logger.init_args.tracking_uri": tracking_uri,
+                "trainer.logger.init_args.tags": tags})]
     if branch.mixture == "stable":
-        command += ["--data.decay", json.dumps(stable_mix_for_decay(configs, overrides)),
-                    "--trainer.logger.init_args.run_name",
-                    f"{stable_name}-decay-from-{branch.source_step}-stable-mix"]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"the branch from step {branch.source_step} failed:\n"
-                           f"{' '.join(command)}\n{result.stderr[-3000:]}")
+        args += override_args({
+            "data.decay": stable_mix_for_decay(configs, overrides),
+            "trainer.logger.init_args.run_name":
+                f"{stable_name}-decay-from-{branch.source_step}-stable-mix"})
+    # Each branch is an `xm2 fit` process of its own, as a user would start it.
+    run("fit", configs, args, isolated=True)
 
 
 def summarize(client: MlflowClient, tracking_uri: str, stable_run_id: str, study_id: str) -> dict:
     """Each branch's end losses against the stable run's trajectory at the same step."""
     stable_curve = _history(client, stable_run_id, "val/loss")
     stable = client.get_run(stable_run_id)
-    decay_start = int(float(stable.data.params.get("schedule/decay_start_step", "inf")))
-    stable_phase = {s: v for s, v in stable_curve.items() if s < decay_start} or stable_curve
+    logged_start = stable.data.params.get("schedule/decay_start_step")
+    decay_start = None if logged_start is None else int(float(logged_start))
+    stable_phase = {s: v for s, v in stable_curve.items()
+                    if data_phase(s, decay_start) == "stable"} or stable_curve
     rows = []
     for row in branches(stable_run_id, tracking_uri):
         run = client.get_run(row["run_id"])

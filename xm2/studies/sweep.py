@@ -1,7 +1,7 @@
 """The µTransfer check: sweep the learning rate across widths under µP and standard parametrization.
 
-Every run is a real ``lightning.Trainer`` fit of :class:`~xm2.module.Xm2Module` on the bundled
-corpus (stable mixture throughout), logged to MLflow as a child of one "summary" run that receives
+Every run is a real ``xm2 fit`` (:func:`xm2.run.run`) of a proxy config on the bundled corpus
+(stable mixture throughout), logged to MLflow as a child of one "summary" run that receives
 the plot, the CSV of all runs and the summary. The loss compared is the final held-out validation
 loss (the same batches for every run). µP works if the loss-optimal learning rate stays put as the
 width grows and, at that learning rate, wider models are no worse; under standard parametrization
@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from itertools import pairwise
@@ -22,16 +21,16 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.loggers import MLFlowLogger
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from xm2.config import ModelConfig
-from xm2.data.datamodule import DEFAULT_STABLE, MixtureDataModule
-from xm2.module import NonFiniteLossError, Xm2Module
-from xm2.optimizer import OptimizerConfig
+from xm2.data.datamodule import DEFAULT_STABLE
+from xm2.errors import ConfigError
+from xm2.run import run as fit_run
 from xm2.schedule import DecayStyle, WSDSchedule
-from xm2.studies.tracked import TrackedRun, quiet_lightning, save_figure
+from xm2.tracking import DEFAULT_TRACKING_URI
+from xm2.tracking.runs import TrackedRun, save_figure
 
 Parametrization = Literal["mup", "sp"]
 MeanLosses = dict[tuple[str, int, float], float]
@@ -83,7 +82,7 @@ def sweep_architecture(
 ) -> ModelConfig:
     """The proxy model at one width: heads of ``head_dim``, one KV head, MLP 2.5 × width."""
     if width % head_dim:
-        raise ValueError(f"sweep width={width} is not a multiple of head_dim={head_dim}")
+        raise ConfigError(f"sweep width={width} is not a multiple of head_dim={head_dim}")
     return ModelConfig(
         vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 5 // 2,
         num_layers=num_layers, num_heads=width // head_dim, num_kv_heads=1, max_seq_len=seq_len,
@@ -255,45 +254,49 @@ def sweep_figure(runs: list[SweepRun], summary: dict, title: str) -> Figure:
 # ----------------------------------------------------------------------------- the command
 
 
-def _train_one(
+def run_config(
     *, parametrization: str, width: int, log2_lr: float, seed: int, architecture: dict,
-    data: dict, steps: int, schedule: WSDSchedule, accelerator: str, logger: MLFlowLogger,
-    root_dir: Path,
-) -> SweepRun:
-    L.seed_everything(seed, verbose=False)
+    data: dict, steps: int, schedule: WSDSchedule, accelerator: str, root_dir: Path,
+) -> dict:
+    """The ``xm2 fit`` config of one sweep run (its logger is set by the caller)."""
     config = sweep_architecture(width, parametrization, **architecture)
-    module = Xm2Module(config, OptimizerConfig(lr=2.0**log2_lr), schedule)
-    datamodule = MixtureDataModule(seed=seed, vocab_size=config.vocab_size,
-                                   seq_len=config.max_seq_len,
-                                   decay_start_step=schedule.decay_start_step, **data)
+    return {
+        "seed_everything": seed,
+        "trainer": {
+            "accelerator": accelerator, "devices": 1, "max_steps": steps,
+            "gradient_clip_val": 1.0,
+            # One validation, at the very end: it gives every run the same held-out batches.
+            "val_check_interval": steps, "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": 0, "log_every_n_steps": max(1, steps // 20),
+            "enable_progress_bar": False, "enable_checkpointing": False,
+            "enable_model_summary": False, "default_root_dir": str(root_dir),
+            "logger": {"class_path": "xm2.tracking.logger.Xm2MLFlowLogger"},
+        },
+        "model": {"architecture": asdict(config), "optimizer": {"lr": 2.0**log2_lr},
+                  "schedule": asdict(schedule)},
+        "data": {**data, "seed": seed},
+    }
+
+
+def _train_one(config: dict, child_args: list[str], parametrization: str, width: int,
+               log2_lr: float, seed: int, steps: int) -> SweepRun:
     losses = LossTail()
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_steps=steps, gradient_clip_val=1.0,
-        # One validation, at the very end: it gives every run the same held-out batches.
-        val_check_interval=steps, check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, steps // 20), logger=logger, callbacks=[losses],
-        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-        default_root_dir=root_dir,
-    )
-    logger.log_hyperparams({"sweep/parametrization": parametrization, "sweep/width": width,
-                            "sweep/log2_lr": log2_lr, "sweep/lr": 2.0**log2_lr,
-                            "sweep/seed": seed, "sweep/steps": steps})
-    started = time.perf_counter()
-    try:
-        trainer.fit(module, datamodule=datamodule)
-        train_loss = losses.final_loss()
-    except NonFiniteLossError:
-        # A diverged run is a result of the sweep (an LR too large), not a failure of it.
-        train_loss = math.inf
-    val_loss = (_finite_or_inf(trainer.callback_metrics.get("val/loss"))
+    result = fit_run("fit", [config], child_args, callbacks=[losses], quiet=True)
+    # A diverged run is a result of the sweep (an LR too large), not a failure of it.
+    train_loss = losses.final_loss() if result.status == "finished" else math.inf
+    val_loss = (_finite_or_inf(result.metrics.get("val/loss"))
                 if math.isfinite(train_loss) else math.inf)
-    logger.experiment.log_metric(logger.run_id, "final/train_loss", train_loss)
-    logger.experiment.log_metric(logger.run_id, "final/val_loss", val_loss)
-    logger.experiment.set_tag(logger.run_id, "diverged", str(not math.isfinite(val_loss)))
+    tracked = TrackedRun.attach(config["trainer"]["logger"]["init_args"]["tracking_uri"],
+                                result.run_id)
+    tracked.log_params({"sweep/parametrization": parametrization, "sweep/width": width,
+                        "sweep/log2_lr": log2_lr, "sweep/lr": 2.0**log2_lr, "sweep/seed": seed,
+                        "sweep/steps": steps})
+    tracked.log_metrics({"final/train_loss": train_loss, "final/val_loss": val_loss})
+    tracked.set_tags({"diverged": str(not math.isfinite(val_loss))})
     # Lightning marks a run that raised FAILED; the diverged run has finished measuring.
-    logger.experiment.set_terminated(logger.run_id, "FINISHED")
+    tracked.finish("FINISHED")
     return SweepRun(parametrization, width, log2_lr, seed, train_loss, val_loss,
-                    run_id=logger.run_id, seconds=round(time.perf_counter() - started, 2))
+                    run_id=result.run_id, seconds=round(result.seconds, 2))
 
 
 def sweep(
@@ -318,7 +321,7 @@ def sweep(
     shards_dir: str = "artifacts/shards",
     output_dir: str = "artifacts/sweeps",
     experiment_name: str = "xm2-mutransfer",
-    tracking_uri: str = "sqlite:///mlflow.db",
+    tracking_uri: str = DEFAULT_TRACKING_URI,
     accelerator: str = "cpu",
 ) -> dict:
     """Sweep the learning rate over widths, seeds and µP/SP; plot, tabulate and summarize.
@@ -357,7 +360,7 @@ def sweep(
         accelerator: Lightning accelerator of every run.
     """
     if min(widths) < head_dim or len(set(widths)) != len(widths):
-        raise ValueError(f"sweep widths={widths} must be distinct and each >= head_dim={head_dim}")
+        raise ConfigError(f"sweep widths={widths} must be distinct and each >= head_dim={head_dim}")
     warmup_steps = round(steps * warmup_fraction)
     decay_start_step = max(warmup_steps, steps - max(1, round(steps * decay_fraction)))
     schedule = WSDSchedule(warmup_steps=warmup_steps, decay_start_step=decay_start_step,
@@ -370,7 +373,6 @@ def sweep(
             "val_batches_per_source": val_batches_per_source}
     output = Path(output_dir) / name
     output.mkdir(parents=True, exist_ok=True)
-    quiet_lightning()
     settings = {"widths": widths, "log2_lrs": log2_lrs, "seeds": seeds,
                 "parametrizations": parametrizations, "steps": steps, "batch_size": batch_size,
                 "warmup_steps": warmup_steps, "decay_start_step": decay_start_step,
@@ -385,12 +387,14 @@ def sweep(
                 for width in widths:
                     for log2_lr in log2_lrs:
                         run_name = f"{name}-{parametrization}-w{width}-lr2^{log2_lr:g}-s{seed}"
-                        logger = parent.child_logger(run_name, tags={"sweep.name": name})
-                        run = _train_one(parametrization=parametrization, width=width,
-                                         log2_lr=log2_lr, seed=seed, architecture=architecture,
-                                         data=data, steps=steps, schedule=schedule,
-                                         accelerator=accelerator, logger=logger,
-                                         root_dir=output)
+                        config = run_config(
+                            parametrization=parametrization, width=width, log2_lr=log2_lr,
+                            seed=seed, architecture=architecture, data=data, steps=steps,
+                            schedule=schedule, accelerator=accelerator, root_dir=output)
+                        config["trainer"]["logger"]["init_args"] = {"tracking_uri": tracking_uri}
+                        run = _train_one(config, parent.child_args(
+                            run_name, tags={"sweep.name": name}), parametrization, width,
+                            log2_lr, seed, steps)
                         runs.append(run)
                         print(f"{run_name}: train {_format_loss(run.train_loss)}, "
                               f"val {_format_loss(run.val_loss)} ({run.seconds:.1f} s)",

@@ -11,7 +11,6 @@ MLflow's nesting is; :meth:`TrackedRun.child_args` gives the ``xm2 fit`` words w
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -91,11 +90,13 @@ class TrackedRun:
         """``xm2 fit`` words that send a run's logger into a new child run of this run: the
         run is then logged exactly as ``xm2 fit`` logs it, nested under this one."""
         all_tags = {key: str(value) for key, value in (tags or {}).items()}
-        settings = {"experiment_name": self.experiment_name, "tracking_uri": self.tracking_uri,
-                    "run_name": run_name, "run_id": None,
-                    "tags": {**all_tags, "mlflow.parentRunId": self.run_id}}
-        return [f"--trainer.logger.init_args.{key}={json.dumps(value)}"
-                for key, value in settings.items()]
+        from xm2.run import override_args
+
+        logger = "trainer.logger.init_args"
+        return override_args({f"{logger}.experiment_name": self.experiment_name,
+                              f"{logger}.tracking_uri": self.tracking_uri,
+                              f"{logger}.run_name": run_name, f"{logger}.run_id": None,
+                              f"{logger}.tags": {**all_tags, "mlflow.parentRunId": self.run_id}})
 
     def child_logger(self, run_name: str, tags: Mapping[str, object] | None = None) -> MLFlowLogger:
         """A Lightning ``MLFlowLogger`` that creates a child run of this run on first use."""
