@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import time
 
+import torch
 from lightning.pytorch.callbacks import ThroughputMonitor
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
 
 from xm2.analysis.flops import flops_per_token, measure_peak_flops
+from xm2.data.datamodule import TimedDataLoader
 from xm2.errors import ConfigError
+
+# The dtype matrix products run in under each of Lightning's precision settings
+# (trainer.precision: "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true").
+COMPUTE_DTYPES = {"64": torch.float64, "32": torch.float32, "16": torch.float16,
+                  "bf16": torch.bfloat16}
 
 
 def rows_in_batch(batch: dict) -> int:
@@ -20,15 +26,30 @@ def tokens_in_batch(batch: dict) -> int:
     return batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype of the peak matmul for ``trainer.precision``; float32 for a setting that names
+    no floating-point width (transformer-engine, bitsandbytes)."""
+    return COMPUTE_DTYPES.get(str(precision).split("-")[0], torch.float32)
+
+
+def fetch_seconds(trainer) -> float | None:
+    """Seconds the training data loader has spent producing batches, if it counts them (xm2's
+    :class:`~xm2.data.datamodule.TimedDataLoader` does); else None."""
+    loader = trainer.train_dataloader
+    return loader.fetch_seconds if isinstance(loader, TimedDataLoader) else None
+
+
 class Throughput(ThroughputMonitor):
     """Lightning's ``ThroughputMonitor`` with xm2's analytic FLOPs and a peak on CPU too.
 
     Lightning logs ``train/device/items_per_sec`` (tokens/s), ``train/device/flops_per_sec`` and
     ``train/device/mfu`` over a window of steps. This adds ``throughput/step_time_s`` and
-    ``throughput/data_wait_share``: the time the training loop spent in fetching its next batch
-    (Lightning's ``train_dataloader_next`` action, timed through the trainer's profiler hooks)
-    as a share of the step time, over the same window. FLOPs per batch come from :func:`xm2.analysis.flops.flops_per_token` (3× forward in
-    training, forward only in validation). The peak is ``peak_flops`` if given; else Lightning's
+    ``throughput/data_wait_share``: the time the training loop spent waiting for its next batch
+    (in the data loader's ``next``, counted by xm2's :class:`~xm2.data.datamodule.TimedDataLoader`;
+    a loader that does not count it gets no share) as a share of the step time, over the same
+    window, logged on the optimizer steps Lightning logs on (every ``log_every_n_steps``). FLOPs
+    per batch come from :func:`xm2.analysis.flops.flops_per_token` (3× forward in training,
+    forward only in validation). The peak is ``peak_flops`` if given; else Lightning's
     table of GPUs, or on CPU a matmul measured at setup in the run's compute dtype, logged as
     ``throughput/peak_flops``.
     """
@@ -47,48 +68,24 @@ class Throughput(ThroughputMonitor):
                          window_size=window_size)
         self.peak_flops, self.window_size = peak_flops, window_size
         self._batch_started: float | None = None
-        self._fetch_started = 0.0
-        self._fetch_seconds = 0.0
-        self._waits: list[float] = []
-        self._steps: list[float] = []
+        self._fetched_before: float | None = None
+        self._global_step_before = 0
+        # (seconds from one batch start to the next, seconds of those spent fetching or None)
+        self._steps: list[tuple[float, float | None]] = []
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         peak = self.peak_flops or self.available_flops
         if peak is None and trainer.strategy.root_device.type == "cpu":
-            peak = measure_peak_flops(_plugin_to_compute_dtype(trainer.precision_plugin),
-                                      size=2048, repeats=5)
-        # ThroughputMonitor refuses available_flops as an argument; set it where it is used.
+            peak = measure_peak_flops(compute_dtype(trainer.precision), size=2048, repeats=5)
+        # ThroughputMonitor refuses available_flops as an argument and has copied its own into
+        # one Throughput per stage: set it there (no public way; tests/test_private_apis.py).
         self.available_flops = peak
         for throughput in self._throughputs.values():
             throughput.available_flops = peak
         if peak:
             for logger in trainer.loggers:
                 logger.log_metrics({"throughput/peak_flops": float(peak)}, step=trainer.global_step)
-        if stage == "fit":
-            self._time_batch_fetches(trainer.profiler)
-
-    def _time_batch_fetches(self, profiler) -> None:
-        """Wrap the profiler's start/stop, which the training loop calls around each batch fetch."""
-        start, stop = profiler.start, profiler.stop
-
-        def timed_start(action_name: str) -> None:
-            if action_name.endswith("train_dataloader_next"):
-                self._fetch_started = time.perf_counter()
-            start(action_name)
-
-        def timed_stop(action_name: str) -> None:
-            stop(action_name)
-            if action_name.endswith("train_dataloader_next"):
-                self._fetch_seconds += time.perf_counter() - self._fetch_started
-
-        profiler.start, profiler.stop = timed_start, timed_stop
-        self._unwrap = lambda: (setattr(profiler, "start", start), setattr(profiler, "stop", stop))
-
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if getattr(self, "_unwrap", None):
-            self._unwrap()
-            self._unwrap = None
 
     def _set_flops(self, pl_module, batch: dict, training: bool) -> None:
         config = pl_module.model.config
@@ -98,22 +95,35 @@ class Throughput(ThroughputMonitor):
                                         * tokens_in_batch(batch))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now, fetched = time.perf_counter(), fetch_seconds(trainer)
         if self._batch_started is not None:
-            # The fetch of this batch happened since the previous batch started.
-            self._steps.append(now - self._batch_started)
-            self._waits.append(self._fetch_seconds)
-        self._batch_started, self._fetch_seconds = now, 0.0
+            # This batch was fetched since the previous batch started.
+            wait = None if fetched is None or self._fetched_before is None else (
+                fetched - self._fetched_before)
+            self._steps.append((now - self._batch_started, wait))
+        self._batch_started, self._fetched_before = now, fetched
+        self._global_step_before = trainer.global_step
         self._set_flops(pl_module, batch, training=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._steps and trainer._logger_connector.should_update_logs:
-            waits, steps = self._waits[-self.window_size:], self._steps[-self.window_size:]
-            metrics = {"throughput/step_time_s": sum(steps) / len(steps),
-                       "throughput/data_wait_share": sum(waits) / sum(steps)}
+        if self._steps and self._logs_this_batch(trainer):
+            window = self._steps[-self.window_size:]
+            seconds = sum(step for step, _ in window)
+            metrics = {"throughput/step_time_s": seconds / len(window)}
+            waits = [wait for _, wait in window if wait is not None]
+            if len(waits) == len(window):
+                metrics["throughput/data_wait_share"] = sum(waits) / seconds
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _logs_this_batch(self, trainer) -> bool:
+        """Lightning's rule for logging on a training batch, from public state: the batch stepped
+        the optimizer (it did not only accumulate gradients), at a multiple of
+        ``log_every_n_steps`` or as the run stops."""
+        every, step = trainer.log_every_n_steps, trainer.global_step
+        stepped = step > self._global_step_before
+        return every > 0 and stepped and (step % every == 0 or trainer.should_stop)
 
     def on_validation_start(self, trainer, *args) -> None:
         super().on_validation_start(trainer, *args)

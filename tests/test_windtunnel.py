@@ -20,10 +20,13 @@ from optuna.trial import TrialState
 from tests.conftest import CORPUS, ROOT
 from xm2.cli import main
 from xm2.errors import ConfigError, MissingFileError
+from xm2.run import override_args, resolve
 from xm2.studies.windtunnel.command import windtunnel
-from xm2.studies.windtunnel.recipe import load_recipe, run_shape, shortened
+from xm2.studies.windtunnel.recipe import resolved_recipe, run_shape, shortened
 from xm2.studies.windtunnel.settings import Dimension, Pruner, Runs, Sampler, SearchSpace
 from xm2.studies.windtunnel.study import fail_stale_trials, make_sampler, open_storage
+from xm2.studies.windtunnel.trial import run_trial
+from xm2.tracking.runs import TrackedRun
 
 EXPERIMENT = "wt-test"
 PLANTED_LR = 100.0  # diverges within a step or two
@@ -121,22 +124,24 @@ def test_the_default_space_is_the_papers_and_an_empty_one_is_refused():
 def test_a_trial_is_the_recipe_shortened_to_the_token_budget():
     runs = Runs(configs=(str(ROOT / "config" / "nano.yaml"),), tokens=100 * 4096, validations=4,
                 warmup_fraction=0.1, decay_fraction=0.2)
-    recipe = load_recipe(runs)
+    recipe = resolved_recipe(runs)
     shape = run_shape(recipe, runs)  # nano: 16 rows × 256 tokens per step
     assert (shape.steps, shape.validation_interval, shape.tokens_per_step) == (100, 25, 4096)
     assert (shape.warmup_steps, shape.decay_start_step) == (10, 80)
-    config = shortened(recipe, runs, shape, {"lr": 0.02, "dim_model_base": 64})
+    short = shortened(runs, shape, {"lr": 0.02, "dim_model_base": 64})
+    # The trial as xm2 fit parses it: the overrides after the recipe's configs.
+    config = resolve("fit", runs.configs, override_args(short.overrides))
     assert config["model"]["optimizer"]["lr"] == 0.02
     assert config["model"]["architecture"]["dim_model_base"] == 64
     assert config["trainer"]["max_steps"] == 100 and config["trainer"]["val_check_interval"] == 25
+    assert config["trainer"]["enable_checkpointing"] is False
     assert config["model"]["schedule"] == {**recipe["model"]["schedule"], "warmup_steps": 10,
                                            "decay_start_step": 80}
-    kept = [callback["class_path"] for callback in config["trainer"]["callbacks"]]
-    assert "lightning.pytorch.callbacks.ModelCheckpoint" not in kept
-    assert "lightning.pytorch.callbacks.LearningRateMonitor" in kept
+    assert config["data"]["decay_start_step"] == 80  # linked: the data switch moves with it
+    assert config["trainer"]["logger"] == recipe["trainer"]["logger"]  # the recipe's own logger
     assert recipe["trainer"]["max_steps"] == 300  # the recipe itself is untouched
     with pytest.raises(MissingFileError, match="no/such.yaml"):
-        load_recipe(Runs(configs=("no/such.yaml",)))
+        resolved_recipe(Runs(configs=("no/such.yaml",)))
 
 
 def test_transfer_refuses_a_study_that_does_not_exist(tmp_path):
@@ -191,6 +196,83 @@ def test_trials_of_a_gone_worker_are_failed_with_the_reason_and_live_ones_kept(t
     assert trials[0].user_attrs["failure"] == f"worker {workers['dead']} gone"
     assert trials[2].user_attrs["failure"] == "worker another-host:1 gone"
     assert fail_stale_trials(study, backend, 900.0, tracking_uri="unused") == []
+
+
+# ----------------------------------------------------------------------------- one trial, one path
+
+KEPT = ("lightning.pytorch.callbacks.LearningRateMonitor", "callbacks.mixture.MixtureMonitor",
+        "lightning.pytorch.callbacks.EarlyStopping")
+
+
+@pytest.fixture(scope="module")
+def one_trial(tmp_path_factory, tokenizer_path, shards):
+    """One real trial of the nano recipe plus a config that adds callbacks with ``callbacks+:``
+    (a ModelCheckpoint, which a trial without checkpointing refuses, and an EarlyStopping it
+    keeps),
+    shrunk by dotted ``overrides``, as a child of a study's parent run."""
+    folder = tmp_path_factory.mktemp("one-trial")
+    adds = folder / "adds.yaml"
+    adds.write_text("trainer:\n  callbacks+:\n"
+                    "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+                    "    - class_path: lightning.pytorch.callbacks.EarlyStopping\n"
+                    "      init_args: {monitor: val/loss, patience: 10}\n")
+    overrides = {key: value for key, value in mini_settings(
+        folder, tokenizer_path, shards)["proxy"]["overrides"].items()
+        if key != "trainer.callbacks"}  # the recipe's own callbacks, filtered by the trial
+    proxy = Runs(configs=(str(ROOT / "config" / "nano.yaml"), str(adds)), tokens=4 * 32 * 4,
+                 validations=2, keep_callbacks=KEPT, overrides=overrides)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)  # MLflow puts artifacts under the working directory
+        parent = TrackedRun.start(uri, EXPERIMENT, "one-study", tags={"windtunnel.role": "study"})
+        study = optuna.create_study()
+        finished = run_trial(
+            study, study.ask(), name="one", proxy=proxy,
+            shape=run_shape(resolved_recipe(proxy), proxy),
+            distributions={"lr": optuna.distributions.FloatDistribution(0.005, 0.02, log=True)},
+            objective="val/loss", diverge_factor=1.5, parent=parent, output=folder)
+        client = MlflowClient(uri)
+        run = client.get_run(finished.user_attrs["mlflow_run_id"])
+        config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(folder)))
+        yield {"trial": finished, "run": run, "parent": parent, "client": client,
+               "config": yaml.safe_load(config.read_text()), "config_file": config,
+               "folder": folder, "uri": uri}
+
+
+def test_a_trial_keeps_only_keep_callbacks_of_every_config_file(one_trial):
+    assert one_trial["trial"].state == TrialState.COMPLETE
+    trained = [callback["class_path"] for callback in one_trial["config"]["trainer"]["callbacks"]]
+    # The callbacks+ entries are filtered like the recipe's: EarlyStopping is listed,
+    # ModelCheckpoint is not (kept, it would have stopped the trial: checkpointing is off).
+    assert trained == list(KEPT)
+
+
+def test_dotted_overrides_reach_the_trial(one_trial):
+    params, config = one_trial["run"].data.params, one_trial["config"]
+    assert params["data/val_batches_per_source"] == "1"  # config/nano.yaml says 4
+    assert config["data"]["val_batches_per_source"] == 1
+    assert config["model"]["architecture"]["hidden_size"] == 64
+    assert params["trainer/max_steps"] == "4"  # the trial's budget over the overrides' 8
+
+
+def test_a_trial_is_tracked_as_xm2_fit_tracks_the_same_config(one_trial):
+    run, client = one_trial["run"], one_trial["client"]
+    assert run.info.status == "FINISHED" and run.info.run_name == "one-trial-000"
+    assert run.data.tags["mlflow.parentRunId"] == one_trial["parent"].run_id
+    assert {"xm2.git_commit", "xm2.git_dirty"} <= set(run.data.tags)
+    # xm2 fit of the trial's own config.yaml, as a user would rerun it, outside any study.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(one_trial["folder"])
+        main(["fit", "--config", str(one_trial["config_file"]),
+              "--trainer.logger.init_args.run_name=plain", "--trainer.logger.init_args.tags=null"])
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    (plain,) = client.search_runs([experiment], "attributes.run_name = 'plain'")
+    assert "mlflow.parentRunId" not in plain.data.tags
+    study_params = {key for key in run.data.params if key.startswith("trial/")}
+    assert study_params == {"trial/lr"}
+    assert set(run.data.params) - study_params == set(plain.data.params)
+    assert {key for key in plain.data.params if key.startswith(("data/", "trainer/"))}
+    assert "config.yaml" in {artifact.path for artifact in client.list_artifacts(plain.info.run_id)}
 
 
 # ----------------------------------------------------------------------------- real studies

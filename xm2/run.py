@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from xm2.errors import RunFailed, TrainingDiverged
+from xm2.errors import ConfigError, RunFailed, TrainingDiverged
 
 RESULT_FILE_VARIABLE = "XM2_RUN_RESULT"
 """Set for an isolated run: the ``xm2`` subprocess writes its :class:`RunResult` there as JSON."""
@@ -106,14 +107,15 @@ def run(
         adjust: Called with the parsed config of the subcommand before anything is built.
         quiet: Keep Lightning's per-run announcements out of the output (studies run many).
         isolated: Run as an ``xm2`` subprocess; its output is kept unless it fails.
-        command: How the user started the process, for the printed ``validate`` command.
+        command: How the user started the process (the ``xm2`` command line only: it is then
+            also the printed ``validate`` command, and a refused option ends the process).
     """
     words = [subcommand, *config_arguments(configs), *args]
     if isolated:
         if callbacks or adjust:
             raise ValueError("an isolated run takes no callback objects or adjust function")
         return _run_subprocess(words)
-    return _run_here(words, list(callbacks), adjust, quiet, command or ["xm2", *words])
+    return _run_here(words, list(callbacks), adjust, quiet, command)
 
 
 def resolve(subcommand: Literal["fit", "validate", "test"] = "fit", configs: Sequence[Config] = (),
@@ -165,7 +167,7 @@ def _build(cli_class: type, words: list[str], **kwargs: Any) -> Any:
 
 
 def _run_here(words: list[str], callbacks: list, adjust: Callable[[Any], None] | None,
-              quiet: bool, command: list[str]) -> RunResult:
+              quiet: bool, command: list[str] | None) -> RunResult:
     from xm2.lightning_cli import Xm2CLI
 
     quiet_lightning_noise()
@@ -179,9 +181,16 @@ def _run_here(words: list[str], callbacks: list, adjust: Callable[[Any], None] |
 
     try:
         _build(Xm2CLI, words, trainer_defaults={"callbacks": callbacks} if callbacks else {},
-               command=command, adjust=adjust, on_trainer=on_trainer)
+               command=command or ["xm2", *words], adjust=adjust, on_trainer=on_trainer)
     except TrainingDiverged as error:
         return _outcome(built, "diverged", str(error), started)
+    except SystemExit as exit:
+        # The parser has printed what is wrong with the words; a study gets an error it can
+        # catch rather than the end of its process. `xm2 fit` itself exits as the parser says.
+        if exit.code in (0, None) or command is not None:
+            raise
+        raise ConfigError(f"the run's configuration was refused (the parser's message is above): "
+                          f"xm2 {shlex.join(words)}") from exit
     return _outcome(built, "finished", None, started)
 
 
@@ -191,7 +200,7 @@ def _outcome(built: dict, status: str, error: str | None, started: float) -> Run
     if trainer is None:  # diverged before the trainer existed: cannot happen, but say so
         return RunResult(status, None, seconds=now - started, error=error)
     checkpointing = trainer.checkpoint_callback
-    kept = sorted(getattr(checkpointing, "best_k_models", {}) or {}, key=_step_of)
+    kept = _kept_checkpoints(getattr(checkpointing, "dirpath", None))
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()
                if getattr(value, "numel", lambda: 1)() == 1}
     return RunResult(
@@ -209,10 +218,15 @@ def _run_id(logger: Any) -> str | None:
     return getattr(logger, "run_id", None)
 
 
-def _step_of(path: str) -> float:
-    stem = Path(path).stem
-    return float(stem.split("step=")[-1]) if "step=" in stem and stem.split("step=")[-1].isdigit() \
-        else float("inf")
+def _kept_checkpoints(folder: str | None) -> list[Path]:
+    """The step checkpoints in ``folder`` (not ``last.ckpt``), by the step their record names."""
+    from xm2.checkpoint import read_record
+
+    if not folder or not Path(folder).is_dir():
+        return []
+    found = [path for path in Path(folder).glob("*.ckpt") if path.name != "last.ckpt"]
+    steps = {path: (read_record(path) or {}).get("global_step") for path in found}
+    return sorted(found, key=lambda path: (steps[path] is None, steps[path] or 0, path.name))
 
 
 def _run_subprocess(words: list[str]) -> RunResult:

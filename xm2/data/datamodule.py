@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,25 @@ DEFAULT_STABLE = {"prose": 0.4, "code": 0.3, "docs": 0.3}
 # About 64% instruction data in the decay phase, as in Xmodel-2.
 DEFAULT_DECAY = {"instruct_math": 0.32, "instruct_code": 0.32, "prose": 0.12, "code": 0.12,
                  "docs": 0.12}
+
+
+class TimedDataLoader(DataLoader):
+    """A DataLoader that adds up, in ``fetch_seconds``, the time its iterators spend producing
+    batches: the time the training loop waits for data (``callbacks.throughput`` reads it)."""
+
+    fetch_seconds: float = 0.0
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.fetch_seconds += time.perf_counter() - started
+            yield batch
 
 
 class MixtureDataModule(L.LightningDataModule):
@@ -164,5 +184,5 @@ class MixtureDataModule(L.LightningDataModule):
     def _loader(self, dataset) -> DataLoader:
         # Datasets yield whole batches (batch_size=None): batch composition never depends on
         # how many workers there are.
-        return DataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+        return TimedDataLoader(dataset, batch_size=None, num_workers=self.hparams.num_workers,
+                               persistent_workers=self.hparams.num_workers > 0)

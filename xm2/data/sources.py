@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from xm2.errors import ConfigError, EnvironmentProblem
+from xm2.errors import ConfigError, MissingPackageError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -41,8 +41,8 @@ def _arrow_texts(folder: Path, text_field: str) -> Iterator[str]:
     try:
         import pyarrow as pa
     except ImportError:
-        raise EnvironmentProblem(f"reading the saved dataset {folder} needs pyarrow: "
-                                 "pip install pyarrow") from None
+        raise MissingPackageError(f"reading the saved dataset {folder} needs pyarrow: "
+                                  "pip install pyarrow") from None
     state_path = folder / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     files = [folder / entry["filename"] for entry in state.get("_data_files", [])] or sorted(

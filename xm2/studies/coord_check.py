@@ -1,11 +1,15 @@
 """The µP coordinate check: does the size of every activation stay put as the model widens?
 
 The decoder is built at several widths (head_dim fixed, so heads grow with width) and trained
-for a few steps on one fixed batch with the real µP AdamW. At each step t (t = 0 is the forward
-pass at init, before any update) forward hooks record the mean |x| of the embedding output, each
-attention and MLP output after the residual scale, each residual stream, the final norm and the
-logits, averaged over seeds. Under µP these curves are flat in width after the first updates;
-under standard parametrization (SP) they grow. See ``recipe.md`` §9 and microsoft/mup's README.
+for a few steps at a constant learning rate with the real µP AdamW, each (parametrization, width,
+seed) as one real ``xm2 fit`` run (:func:`xm2.run.run`) logged as a child of the study's MLflow
+run. The batches come from the data stream of one corpus source: at a given step and seed every
+width sees the same batch. The ``callbacks.coord_check.CoordCheck`` callback of each run logs, at
+the start of step t (t = 0 is the model at init, before any update), the mean |x| on that step's
+batch of the embedding output, each attention and MLP output after the residual scale, each
+residual stream, the final norm and the logits; the study reads these back from the runs and
+averages them over seeds. Under µP these curves are flat in width after the first updates; under
+standard parametrization (SP) they grow. See ``recipe.md`` §9 and microsoft/mup's README.
 """
 
 from __future__ import annotations
@@ -21,21 +25,27 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from mlflow.entities import Metric
 
 from xm2.config import ModelConfig
-from xm2.data.corpus import read_documents
-from xm2.data.tokenizer import EOS_ID, default_tokenizer_path, load_tokenizer, train_tokenizer
+from xm2.data.corpus import source_names
+from xm2.data.tokenizer import default_tokenizer_path, load_tokenizer, train_tokenizer
+from xm2.errors import ConfigError, TrackingError
 from xm2.model import Decoder
-from xm2.optimizer import OptimizerConfig, build_adamw
-from xm2.studies.tracked import TrackedRun
+from xm2.optimizer import OptimizerConfig
+from xm2.run import run as fit_run
+from xm2.schedule import WSDSchedule
+from xm2.tracking import DEFAULT_TRACKING_URI
+from xm2.tracking.runs import TrackedRun
 
 HEAD_DIM = 64
 """Fixed across widths, so that only the number of heads grows (µP's width dimensions)."""
+
+COORD_CHECK_CALLBACK = "callbacks.coord_check.CoordCheck"
+"""The callback each run records with, named as a config names it (xm2 never imports callbacks)."""
 
 Parametrization = Literal["mup", "sp"]
 DISPLAY_NAMES = {"mup": "µP", "sp": "standard parametrization"}
@@ -103,10 +113,16 @@ class ActivationSize:
     """Mean |x| per coordinate, averaged over seeds."""
 
 
+def activation_names(num_layers: int) -> list[str]:
+    """The activations :class:`ActivationRecorder` records, in its order, for ``num_layers`` blocks."""
+    return ["embedding", *(f"layer{index}.{kind}" for index in range(num_layers)
+                           for kind in ("attention", "mlp", "residual")), "final_norm", "logits"]
+
+
 def heads_at(width: int) -> int:
     """Attention heads at ``width`` with head_dim fixed at 64."""
     if width <= 0 or width % HEAD_DIM:
-        raise ValueError(f"coord-check width={width} must be a positive multiple of "
+        raise ConfigError(f"coord-check width={width} must be a positive multiple of "
                          f"head_dim={HEAD_DIM}")
     return width // HEAD_DIM
 
@@ -133,76 +149,89 @@ def width_config(
     )
 
 
-def corpus_batch(
-    tokenizer_path: str | Path,
-    batch_size: int,
-    seq_len: int,
-    corpus_dir: str | Path = "data/corpus",
-    source: str = "prose",
-) -> torch.Tensor:
-    """A (batch_size, seq_len + 1) block of real tokens: the start of a corpus source, packed."""
-    tokenizer = load_tokenizer(tokenizer_path)
-    needed = batch_size * (seq_len + 1)
-    tokens: list[int] = []
-    for document in read_documents(corpus_dir, source, "train"):
-        tokens += [*tokenizer.encode(document), EOS_ID]
-        if len(tokens) >= needed:
-            return torch.tensor(tokens[:needed]).view(batch_size, seq_len + 1)
-    raise ValueError(f"source {source!r} in {corpus_dir} has {len(tokens)} tokens; "
-                     f"a batch of {batch_size} × {seq_len + 1} needs {needed}")
-
-
-def record_training(
-    config: ModelConfig, tokens: torch.Tensor, optimizer: OptimizerConfig, steps: int, seed: int
-) -> list[dict[str, float]]:
-    """Train one model ``steps`` updates on ``tokens``; mean |x| per module at each step 0..steps."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Decoder(config)
-    adamw = build_adamw(model, config, optimizer)
-    recorder = ActivationRecorder(model)
-    sizes = []
-    for step in range(steps + 1):
-        with recorder:
-            logits = model(tokens[:, :-1])
-        sizes.append(recorder.sizes())
-        if step < steps:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-            adamw.zero_grad(set_to_none=True)
-            loss.backward()
-            adamw.step()
-    return sizes
-
 
 def check_settings(widths: Sequence[int], steps: int, seeds: int) -> None:
     """Refuse settings that cannot show a trend in width."""
     if len(set(widths)) < 2:
-        raise ValueError(f"coord-check widths={list(widths)}; at least two different widths needed")
+        raise ConfigError(f"coord-check widths={list(widths)}; at least two different widths needed")
     for width in widths:
         heads_at(width)
     if steps < 0 or seeds < 1:
-        raise ValueError(f"coord-check steps={steps} must be >= 0 and seeds={seeds} >= 1")
+        raise ConfigError(f"coord-check steps={steps} must be >= 0 and seeds={seeds} >= 1")
+
+
+def run_config(
+    *, parametrization: str, width: int, seed: int, steps: int, architecture: dict,
+    optimizer: OptimizerConfig, data: dict, accelerator: str, root_dir: str | Path,
+) -> dict:
+    """The ``xm2 fit`` config of one coordinate-check run (its logger's run is set by the caller).
+
+    The learning rate is constant: no warmup, and the decay starts at step ``steps``, where an
+    exponential decay's factor is exactly 1. CoordCheck records at the start of every step, so
+    ``max_steps = steps + 1`` records t = 0 .. steps before the extra step's update.
+    """
+    model = width_config(width, use_mup=parametrization == "mup", **architecture)
+    schedule = WSDSchedule(warmup_steps=0, decay_start_step=steps, decay_style="exponential")
+    return {
+        "seed_everything": seed,
+        "trainer": {
+            "accelerator": accelerator, "devices": 1, "precision": "32-true",
+            "max_steps": steps + 1, "gradient_clip_val": None,
+            # The check measures training only; no validation loop, checkpoint or bar.
+            "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_checkpointing": False,
+            "enable_model_summary": False, "default_root_dir": str(root_dir),
+            "logger": {"class_path": "xm2.tracking.logger.Xm2MLFlowLogger"},
+            "callbacks": [{"class_path": COORD_CHECK_CALLBACK,
+                           "init_args": {"every_n_steps": 1}}],
+        },
+        "model": {"architecture": asdict(model), "optimizer": asdict(optimizer),
+                  "schedule": asdict(schedule)},
+        # The data seed is the run's seed at every width: each width sees the same batches.
+        "data": {**data, "seed": seed},
+    }
+
+
+def recorded_sizes(
+    parent: TrackedRun, run_id: str, modules: Sequence[str], steps: int, *, complete: bool = True
+) -> list[dict[str, float]]:
+    """Mean |x| per module at each step 0..steps, read back from the ``coord/<module>`` metrics
+    of child run ``run_id``; nan where the run logged none (it stopped early).
+
+    ``complete``: the run trained to the end, so a missing value means the store lost it.
+    """
+    logged = {(point.step, module): point.value for module in modules
+              for point in parent.client.get_metric_history(run_id, f"coord/{module}")}
+    missing = sorted({step for step in range(steps + 1) for module in modules
+                      if (step, module) not in logged})
+    if complete and missing:
+        raise TrackingError(f"run {run_id} in {parent.tracking_uri} has no coord/<module> "
+                            f"metrics at steps {missing}; the tracking store did not receive "
+                            "them (`xm2 tracking-sync` sends a backlog)")
+    return [{module: logged.get((step, module), math.nan) for module in modules}
+            for step in range(steps + 1)]
 
 
 def run_coord_check(
-    tokens: torch.Tensor,
+    parent: TrackedRun,
     widths: Sequence[int],
     *,
-    use_mup: bool,
+    parametrization: Parametrization,
     steps: int,
     seeds: int,
-    base_width: int,
-    num_layers: int,
-    vocab_size: int,
-    num_kv_heads: int = 1,
-    scale_emb: float = ModelConfig.scale_emb,
-    scale_depth: float = ModelConfig.scale_depth,
-    init_std: float = ModelConfig.init_std,
+    architecture: dict,
+    data: dict,
     optimizer: OptimizerConfig = OptimizerConfig(),
+    accelerator: str = "cpu",
+    root_dir: str | Path = "artifacts/coord_check",
 ) -> list[ActivationSize]:
-    """The coordinate-check table of one parametrization: seed-mean mean |x| per width and step."""
+    """The coordinate-check table of one parametrization: seed-mean mean |x| per width and step.
+
+    Each (width, seed) is one ``xm2 fit`` run, a child of ``parent``; ``architecture`` holds
+    :func:`width_config`'s settings but the width, ``data`` the data module's but the seed.
+    """
     check_settings(widths, steps, seeds)
-    parametrization = "mup" if use_mup else "sp"
+    modules = activation_names(architecture["num_layers"])
     table = []
     started = time.monotonic()
     for number, width in enumerate(widths, 1):
@@ -210,13 +239,27 @@ def run_coord_check(
         print(f"coord-check {parametrization}: width {width} ({number}/{len(widths)}), {seeds} "
               f"seeds × {steps} steps, {time.monotonic() - started:.0f} s so far",
               file=sys.stderr, flush=True)
-        config = width_config(width, use_mup=use_mup, base_width=base_width, num_layers=num_layers,
-                              vocab_size=vocab_size, seq_len=tokens.shape[1] - 1,
-                              num_kv_heads=num_kv_heads, scale_emb=scale_emb,
-                              scale_depth=scale_depth, init_std=init_std)
-        runs = [record_training(config, tokens, optimizer, steps, seed) for seed in range(seeds)]
+        runs = []
+        for seed in range(seeds):
+            config = run_config(parametrization=parametrization, width=width, seed=seed,
+                                steps=steps, architecture=architecture, optimizer=optimizer,
+                                data=data, accelerator=accelerator, root_dir=root_dir)
+            tags = {"coord_check.parametrization": parametrization, "coord_check.width": width,
+                    "coord_check.seed": seed}
+            result = fit_run("fit", [config], parent.child_args(
+                f"{parametrization}-w{width}-s{seed}", tags=tags), quiet=True)
+            if result.status == "diverged":
+                # Sizes up to the divergence are a result (SP blowing up), not a failure.
+                print(f"coord-check {parametrization}: width {width} seed {seed} diverged "
+                      f"({result.error}); mean |x| after step {result.steps} is nan",
+                      file=sys.stderr, flush=True)
+                child = TrackedRun(parent.tracking_uri, parent.experiment_name, result.run_id)
+                child.set_tags({"diverged": "true"})
+                child.finish("FINISHED")
+            runs.append(recorded_sizes(parent, result.run_id, modules, steps,
+                                       complete=result.status == "finished"))
         for step in range(steps + 1):
-            for module in runs[0][step]:
+            for module in modules:
                 seed_mean = sum(run[step][module] for run in runs) / seeds
                 table.append(ActivationSize(parametrization, width, step, module, seed_mean))
     return table
@@ -226,11 +269,13 @@ def growth_factors(table: Sequence[ActivationSize]) -> dict[tuple[str, int, str]
     """(parametrization, step, module) -> max over widths / min over widths of mean |x|.
 
     1 means width-independent; under µP every factor should stay near 1 after the first updates.
+    nan where a width has no finite size (its run diverged before that step).
     """
     by_key: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for row in table:
         by_key[(row.parametrization, row.step, row.module)].append(row.mean_abs)
-    return {key: max(values) / min(values) for key, values in by_key.items()}
+    return {key: max(values) / min(values) if all(map(math.isfinite, values)) else math.nan
+            for key, values in by_key.items()}
 
 
 def write_table(table: Sequence[ActivationSize], path: str | Path) -> Path:
@@ -297,6 +342,8 @@ def format_growth_factors(factors: dict[tuple[str, int, str], float], parametriz
     return "\n".join(lines)
 
 
+
+
 def coord_check(
     widths: tuple[int, ...] = (64, 128, 256, 512, 1024),
     parametrizations: tuple[Parametrization, ...] = ("mup", "sp"),
@@ -315,22 +362,25 @@ def coord_check(
     source: str = "prose",
     corpus_dir: str = "data/corpus",
     tokenizer_path: str | None = None,
+    shards_dir: str = "artifacts/shards",
     output_dir: str = "artifacts/coord_check",
-    tracking_uri: str = "sqlite:///mlflow.db",
+    tracking_uri: str = DEFAULT_TRACKING_URI,
     experiment: str = "xm2-coord-check",
+    accelerator: str = "cpu",
 ) -> dict[tuple[str, int, str], float]:
     """µP coordinate check: train the decoder at several widths, plot activation size vs width.
 
-    Writes ``coord_check_<parametrization>.png`` and ``.csv`` to output_dir, logs them to one
-    MLflow run with the growth factors (max/min of mean |x| over widths) as metrics
-    ``growth/<parametrization>/<module>`` at step t, and prints those factors. Under µP they stay
-    near 1 after the first updates; under SP they grow with the width range.
+    Every (parametrization, width, seed) is an ``xm2 fit`` run, logged as a child of one MLflow
+    run. That run receives ``coord_check_<parametrization>.png`` and ``.csv`` (also written to
+    output_dir) and the growth factors (max/min of mean |x| over widths) as metrics
+    ``growth/<parametrization>/<module>`` at step t; the factors are printed too. Under µP they
+    stay near 1 after the first updates; under SP they grow with the width range.
 
     Args:
         widths: hidden_size values; multiples of head_dim 64 (heads = width / 64).
         parametrizations: mup and/or sp (standard parametrization, the sanity check).
-        steps: Optimizer updates on the fixed batch; t = 0 .. steps are recorded.
-        seeds: Initialisations averaged at each width.
+        steps: Optimizer updates at a constant learning rate; t = 0 .. steps are recorded.
+        seeds: Seeds of initialisation and data stream averaged at each width (0, 1, ...).
         base_width: µP dim_model_base; at this width µP and SP are the same model.
         num_layers: Depth, the same at every width.
         num_kv_heads: Key/value heads; must divide width / 64 for every width.
@@ -339,34 +389,45 @@ def coord_check(
         init_std: µP base init std.
         optimizer: AdamW settings; lr is the base µP learning rate, used constant.
         vocab_size: Tokenizer and model vocabulary.
-        seq_len: Tokens per row of the fixed batch.
-        batch_size: Rows of the fixed batch.
-        source: Corpus source the fixed batch is read from.
+        seq_len: Tokens per training sequence.
+        batch_size: Sequences per step.
+        source: Corpus source the batches are drawn from; at a given step and seed every width
+            sees the same batch.
         corpus_dir: The bundled corpus.
         tokenizer_path: SentencePiece model; default artifacts/tokenizers/unigram-<vocab_size>.model,
             trained on the corpus if missing.
-        output_dir: Folder for the PNG and CSV files.
+        shards_dir: Root folder of the token shards (written on first use, as by `xm2 fit`).
+        output_dir: Folder for the PNG and CSV files (and the runs' root folder).
         tracking_uri: MLflow tracking store.
         experiment: MLflow experiment name.
+        accelerator: Lightning accelerator of every run.
     """
     check_settings(widths, steps, seeds)
+    known = source_names(corpus_dir)
+    if source not in known:
+        raise ConfigError(f"coord-check source={source!r} is not a source of {corpus_dir}; "
+                          f"allowed: {', '.join(known)}")
     tokenizer = _matching_tokenizer(tokenizer_path, vocab_size, corpus_dir)
-    tokens = corpus_batch(tokenizer, batch_size, seq_len, corpus_dir, source)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    settings = dict(steps=steps, seeds=seeds, base_width=base_width, num_layers=num_layers,
-                    vocab_size=vocab_size, num_kv_heads=num_kv_heads, scale_emb=scale_emb,
-                    scale_depth=scale_depth, init_std=init_std)
-    params = {**settings, **{f"optimizer/{k}": v for k, v in asdict(optimizer).items()},
-              "widths": list(widths), "seq_len": seq_len, "batch_size": batch_size,
-              "source": source, "tokenizer": str(tokenizer)}
+    architecture = dict(base_width=base_width, num_layers=num_layers, vocab_size=vocab_size,
+                        seq_len=seq_len, num_kv_heads=num_kv_heads, scale_emb=scale_emb,
+                        scale_depth=scale_depth, init_std=init_std)
+    # The only source of both mixtures: the decay phase of the run's one extra step changes nothing.
+    data = {"stable": {source: 1.0}, "decay": {source: 1.0}, "corpus_dir": corpus_dir,
+            "tokenizer_path": str(tokenizer), "shards_dir": shards_dir, "batch_size": batch_size}
+    params = {"steps": steps, "seeds": seeds, **architecture,
+              **{f"optimizer/{k}": v for k, v in asdict(optimizer).items()},
+              "widths": list(widths), "batch_size": batch_size, "source": source,
+              "tokenizer": str(tokenizer), "shards_dir": shards_dir, "accelerator": accelerator}
     run = TrackedRun.start(tracking_uri, experiment, f"widths-{min(widths)}-{max(widths)}",
                            params=params)
     factors: dict[tuple[str, int, str], float] = {}
     with run:
         for parametrization in parametrizations:
-            table = run_coord_check(tokens, widths, use_mup=parametrization == "mup",
-                                    optimizer=optimizer, **settings)
+            table = run_coord_check(run, widths, parametrization=parametrization, steps=steps,
+                                    seeds=seeds, architecture=architecture, data=data,
+                                    optimizer=optimizer, accelerator=accelerator, root_dir=output)
             stem = output / f"coord_check_{parametrization}"
             title = (f"{DISPLAY_NAMES[parametrization]}: mean |x| vs width, {seeds} seeds, "
                      f"lr {optimizer.lr}, base width {base_width}, {num_layers} layers")
@@ -391,7 +452,7 @@ def _matching_tokenizer(tokenizer_path: str | None, vocab_size: int, corpus_dir:
         train_tokenizer(vocab_size, corpus_dir, tokenizer)
     tokenizer_vocab = load_tokenizer(tokenizer).vocab_size()
     if tokenizer_vocab != vocab_size:
-        raise ValueError(f"tokenizer {tokenizer} has vocab size {tokenizer_vocab} but "
-                         f"vocab_size={vocab_size}; train a matching one with "
-                         f"`xm2 train-tokenizer --vocab_size {vocab_size}`")
+        raise ConfigError(f"tokenizer {tokenizer} has vocab size {tokenizer_vocab} but "
+                          f"vocab_size={vocab_size}; train a matching one with "
+                          f"`xm2 train-tokenizer --vocab_size {vocab_size}`")
     return tokenizer

@@ -1,10 +1,12 @@
 """The Lightning callbacks of a wind-tunnel fit: one ends a diverging fit, one reports each
-validation to the Optuna trial (pruning it when the pruner says so) and keeps its heartbeat."""
+validation to the Optuna trial (pruning it when the pruner says so) and keeps its heartbeat, one
+records the study's own parameters in the fit's MLflow run as soon as it exists."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import optuna
@@ -57,3 +59,20 @@ class ReportToTrial(L.Callback):
         if now - self._last_beat >= self.heartbeat_s:
             self._last_beat = now
             self.trial.set_user_attr("heartbeat", now)
+
+
+class RecordRun(L.Callback):
+    """Logs the study's own parameters of a fit (``trial/lr``, ...) into the MLflow run that the
+    fit's logger opens, beside those ``xm2 fit`` logs, and passes the run's id to ``on_run``
+    when the fit starts (a worker killed inside the fit leaves it for the study to find)."""
+
+    def __init__(self, params: Mapping[str, object],
+                 on_run: Callable[[str], None] | None = None) -> None:
+        self.params, self.on_run = dict(params), on_run
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        client, run_id = trainer.logger.experiment, trainer.logger.run_id
+        for key, value in self.params.items():
+            client.log_param(run_id, key, value)
+        if self.on_run is not None:
+            self.on_run(run_id)

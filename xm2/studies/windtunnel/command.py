@@ -12,13 +12,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
 from xm2.errors import ConfigError
-from xm2.studies.windtunnel.recipe import (
-    RunShape,
-    load_recipe,
-    recipe_values,
-    run_shape,
-    shortened,
-)
+from xm2.studies.windtunnel.recipe import RunShape, recipe_values, resolved_recipe, run_shape
 from xm2.studies.windtunnel.report import summarize_study
 from xm2.studies.windtunnel.settings import Pruner, Runs, Sampler, SearchSpace, Transfer
 from xm2.studies.windtunnel.study import (
@@ -108,7 +102,7 @@ def windtunnel(
 
     quiet_lightning_noise()  # the messages `xm2 fit` drops, dropped from every trial too
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    recipe = load_recipe(proxy)
+    recipe = resolved_recipe(proxy)
     shape = run_shape(recipe, proxy)
     space.distributions()  # refuse a bad space before anything is created
     settings = study_settings(space, proxy, objective)
@@ -153,7 +147,7 @@ def windtunnel(
                diverge_factor=diverge_factor, parent=parent,
                stale_after_s=stale_after_s, output=output, tracking_uri=tracking_uri,
                backend=backend)
-    summary = summarize_study(study, recipe, parent, output, proxy.configs)
+    summary = summarize_study(study, recipe, parent, output, proxy)
     summary.update(tokens_per_trial=shape.tokens, steps_per_trial=shape.steps,
                    mlflow_parent_run_id=parent.run_id, storage=storage)
     done = sum(counts_towards_budget(t) and t.state != TrialState.RUNNING
@@ -175,7 +169,7 @@ def search(
     ``backend`` is the study's storage (see :func:`fail_stale_trials`)."""
     # A resumed or joining worker runs the parent again (a killed one left it RUNNING/KILLED).
     parent.client.update_run(parent.run_id, status="RUNNING")
-    prepare_data(shortened(recipe, proxy, shape, {}), output / ".prepare.lock")
+    prepare_data(recipe, output / ".prepare.lock")
     while True:
         for number in fail_stale_trials(study, backend, stale_after_s, tracking_uri):
             print(f"trial {number}: its worker is gone; failed, to be run again", flush=True)
@@ -189,7 +183,7 @@ def search(
             trial.set_user_attr("failure", "surplus")
             study.tell(trial, state=TrialState.FAIL)
             return
-        finished = run_trial(study, trial, name=name, recipe=recipe, proxy=proxy, shape=shape,
+        finished = run_trial(study, trial, name=name, proxy=proxy, shape=shape,
                              distributions=distributions, objective=objective,
                              diverge_factor=diverge_factor, parent=parent, output=output)
         outcome = (f"{finished.value:.4f}" if finished.state == TrialState.COMPLETE

@@ -1,51 +1,35 @@
-"""The ``xm2 fit`` recipe of a wind-tunnel run: its config files composed, shortened to a trial's
-token budget and WSD shape, and one tracked fit of such a config."""
+"""The ``xm2 fit`` recipe of a wind-tunnel run: its config files parsed as ``xm2 fit`` parses them,
+shortened to a trial's token budget and WSD shape, and one tracked fit of it through
+:func:`xm2.run.run`, the path ``xm2 fit`` takes."""
 
 from __future__ import annotations
 
-import copy
-import time
-import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 
-from xm2.config import ModelConfig
-from xm2.data.datamodule import MixtureDataModule
-from xm2.errors import ConfigError, MissingFileError, NonFiniteLossError, TrainingDiverged
+from xm2.errors import ConfigError, MissingFileError
+from xm2.presets import resolve_config
+from xm2.run import override_args, resolve, run
 from xm2.studies.windtunnel.callbacks import ReportToTrial
 from xm2.studies.windtunnel.settings import CONFIG_PATHS, Runs
+
+XM2_LOGGER = "xm2.tracking.logger.Xm2MLFlowLogger"
 
 # ----------------------------------------------------------------------------- config files
 
 
-def load_recipe(runs: Runs) -> dict:
-    """The ``xm2 fit`` configs of ``runs`` composed in order (mappings merge, anything else is
-    replaced, as ``--config a --config b`` does), with ``runs.overrides`` set."""
-    recipe: dict = {}
+def resolved_recipe(runs: Runs) -> dict:
+    """The complete ``xm2 fit`` config of ``runs`` (its configs composed as ``--config`` does,
+    ``runs.overrides`` set, every default filled in), as a dict."""
     for path in runs.configs:
-        if not Path(path).is_file():
+        if not Path(resolve_config(str(path))).is_file():
             raise MissingFileError(f"windtunnel config {path} does not exist; give xm2 fit "
                                    "config files, e.g. config/nano.yaml")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"windtunnel config {path} is not a mapping of settings")
-        _merge(recipe, loaded)
-    for dotted, value in (runs.overrides or {}).items():
-        set_path(recipe, dotted, value)
-    return recipe
-
-
-def _merge(into: dict, update: Mapping) -> None:
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
+    return resolve("fit", runs.configs, override_args(runs.overrides or {}))
 
 
 def get_path(config: dict, dotted: str, default: Any = None) -> Any:
@@ -57,21 +41,9 @@ def get_path(config: dict, dotted: str, default: Any = None) -> Any:
     return node
 
 
-def set_path(config: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node = config
-    for key in parents:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config path {dotted}: {key} is not a mapping")
-    node[last] = value
-
-
 def recipe_values(recipe: dict) -> dict[str, Any]:
-    """The recipe's own value of every searchable setting (class defaults where it is silent)."""
-    defaults = {"lr": 0.01, **{name: getattr(ModelConfig, name) for name in CONFIG_PATHS
-                               if name != "lr"}}
-    return {name: get_path(recipe, path, defaults[name]) for name, path in CONFIG_PATHS.items()}
+    """The recipe's own value of every searchable setting."""
+    return {name: get_path(recipe, path) for name, path in CONFIG_PATHS.items()}
 
 
 @dataclass(frozen=True)
@@ -96,9 +68,9 @@ def run_shape(recipe: dict, runs: Runs) -> RunShape:
             and runs.warmup_fraction + runs.decay_fraction <= 1):
         raise ConfigError(f"windtunnel warmup_fraction={runs.warmup_fraction} and decay_fraction="
                           f"{runs.decay_fraction} must be >= 0 and sum to at most 1")
-    batch = get_path(recipe, "data.batch_size", 16)
-    seq_len = get_path(recipe, "model.architecture.max_seq_len", ModelConfig.max_seq_len)
-    accumulate = get_path(recipe, "trainer.accumulate_grad_batches", 1) or 1
+    batch = get_path(recipe, "data.batch_size")
+    seq_len = get_path(recipe, "model.architecture.max_seq_len")
+    accumulate = get_path(recipe, "trainer.accumulate_grad_batches") or 1
     tokens_per_step = batch * seq_len * accumulate
     interval = max(1, round(runs.tokens / tokens_per_step / runs.validations))
     steps = interval * runs.validations
@@ -108,30 +80,48 @@ def run_shape(recipe: dict, runs: Runs) -> RunShape:
     return RunShape(steps, interval, warmup, decay_start, tokens_per_step)
 
 
-def shortened(recipe: dict, runs: Runs, shape: RunShape, values: Mapping[str, Any],
-              root_dir: Path | None = None) -> dict:
+@dataclass(frozen=True)
+class ShortRun:
+    """The recipe as one short measured run: ``xm2 fit`` settings (dotted paths) over the
+    recipe's, and the recipe's callbacks it keeps (a trial is measured, not kept)."""
+
+    overrides: dict[str, Any]
+    keep_callbacks: tuple[str, ...]
+
+    def adjust(self, config: Any) -> None:
+        """Keep only ``keep_callbacks`` of the parsed config's callbacks: the complete list, so
+        that ``callbacks+:`` entries of any config file are filtered too."""
+        callbacks = config.trainer.callbacks
+        if callbacks is not None and not isinstance(callbacks, list):
+            callbacks = [callbacks]
+        config.trainer.callbacks = [callback for callback in callbacks or []
+                                    if _class_path(callback) in self.keep_callbacks]
+
+
+def shortened(runs: Runs, shape: RunShape, values: Mapping[str, Any],
+              root_dir: Path | None = None) -> ShortRun:
     """The recipe as one short tracked run: searched values set, WSD fitted to the budget,
-    checkpoints and progress bars off (a trial is measured, not kept)."""
-    config = copy.deepcopy(recipe)
-    for name, value in values.items():
-        set_path(config, CONFIG_PATHS[name], value)
-    trainer = config.setdefault("trainer", {})
-    trainer.update(max_steps=shape.steps, val_check_interval=shape.validation_interval,
-                   check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                   enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
-    trainer.pop("max_epochs", None)
+    checkpoints and progress bars off, only ``runs.keep_callbacks`` kept."""
+    overrides: dict[str, Any] = {CONFIG_PATHS[name]: value for name, value in values.items()}
+    overrides.update({
+        "trainer.max_steps": shape.steps, "trainer.max_epochs": None,
+        "trainer.val_check_interval": shape.validation_interval,
+        "trainer.check_val_every_n_epoch": None, "trainer.num_sanity_val_steps": 0,
+        "trainer.enable_checkpointing": False, "trainer.enable_progress_bar": False,
+        "trainer.enable_model_summary": False,
+        "model.schedule.warmup_steps": shape.warmup_steps,
+        "model.schedule.decay_start_step": shape.decay_start_step,
+        # A run is a child run of the study: the recipe's xm2 logger (its settings kept; a
+        # recipe that names none gets one).
+        "trainer.logger": {"class_path": XM2_LOGGER},
+    })
     if root_dir is not None:
-        trainer["default_root_dir"] = str(root_dir)
-    trainer["callbacks"] = [callback for callback in trainer.get("callbacks") or []
-                            if _class_path(callback) in runs.keep_callbacks]
-    set_path(config, "model.schedule.warmup_steps", shape.warmup_steps)
-    set_path(config, "model.schedule.decay_start_step", shape.decay_start_step)
-    return config
+        overrides["trainer.default_root_dir"] = str(root_dir)
+    return ShortRun(overrides, tuple(runs.keep_callbacks))
 
 
 def _class_path(callback: Any) -> str:
-    return callback.get("class_path", "") if isinstance(callback, dict) else str(callback)
+    return str(callback.get("class_path", "")) if hasattr(callback, "get") else str(callback)
 
 
 # ----------------------------------------------------------------------------- one tracked fit
@@ -148,40 +138,25 @@ class FitResult:
     """Why the run was stopped as diverged."""
     pruned_at: int | None = None
     fit_seconds: float = 0.0
-    """Wall time inside ``Trainer.fit`` (the rest is config parsing and instantiation)."""
+    """Wall time from the trainer's creation to the end (the rest is parsing and building)."""
 
 
-def tracked_fit(config: dict, logger, callbacks: list[L.Callback], objective: str) -> FitResult:
-    """``xm2 fit`` of one config dict (the same parser, links and config logging), into
-    ``logger``; a diverging fit ends early and is returned, not raised."""
-    from xm2.lightning_cli import TrackConfig, Xm2CLI  # Lightning's parser: import it late
-    from xm2.module import Xm2Module
-
-    config = copy.deepcopy(config)
-    config["trainer"]["logger"] = False  # the logger object comes through trainer_defaults
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        # Lightning warns when a command line exists beside args; here args is the whole config.
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
-        cli = Xm2CLI(Xm2Module, MixtureDataModule, save_config_callback=TrackConfig,
-                     save_config_kwargs={"save_to_log_dir": False},
-                     auto_configure_optimizers=False, trainer_defaults={"callbacks": callbacks},
-                     run=False, args=config)
-    cli.trainer.loggers = [logger]
-    fit_started = time.perf_counter()
-    try:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    except (NonFiniteLossError, TrainingDiverged) as error:
-        now = time.perf_counter()
-        return FitResult(None, logger.run_id, now - started, diverged=str(error),
-                         fit_seconds=now - fit_started)
-    now = time.perf_counter()
-    times = {"seconds": now - started, "fit_seconds": now - fit_started}
+def tracked_fit(runs: Runs, short: ShortRun, logger_args: Sequence[str],
+                callbacks: list[L.Callback], objective: str) -> FitResult:
+    """``xm2 fit`` of ``runs`` shortened to ``short`` (:func:`xm2.run.run`, the path ``xm2 fit``
+    takes), its logger set by ``logger_args`` (e.g. a child of the study's parent run); a
+    diverging fit ends early and is returned, not raised."""
+    result = run("fit", runs.configs, [*override_args(runs.overrides or {}),
+                                       *override_args(short.overrides), *logger_args],
+                 callbacks=callbacks, adjust=short.adjust, quiet=True)
+    times = {"seconds": result.seconds, "fit_seconds": result.fit_seconds}
+    if result.status == "diverged":
+        return FitResult(None, result.run_id, diverged=result.error, **times)
     pruned_at = next((c.pruned_at for c in callbacks if isinstance(c, ReportToTrial)), None)
     if pruned_at is not None:
-        return FitResult(None, logger.run_id, pruned_at=pruned_at, **times)
-    value = cli.trainer.callback_metrics.get(objective)
+        return FitResult(None, result.run_id, pruned_at=pruned_at, **times)
+    value = result.metrics.get(objective)
     if value is None:
         raise KeyError(f"objective {objective!r} was not logged; validation logs "
-                       f"{sorted(cli.trainer.callback_metrics)}")
-    return FitResult(float(value), logger.run_id, **times)
+                       f"{sorted(result.metrics)}")
+    return FitResult(value, result.run_id, **times)

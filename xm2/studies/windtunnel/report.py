@@ -3,7 +3,6 @@ recipe at the best values, written to the output folder and logged to the parent
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import warnings
@@ -12,28 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from xm2.studies.windtunnel.recipe import get_path, recipe_values, set_path
-from xm2.studies.windtunnel.settings import CONFIG_PATHS
+from xm2.run import config_text, override_args
+from xm2.studies.windtunnel.recipe import get_path, recipe_values
+from xm2.studies.windtunnel.settings import CONFIG_PATHS, Runs
 from xm2.studies.windtunnel.study import SETTINGS_ATTR
 from xm2.tracking.runs import TrackedRun
 
 
-def best_config(recipe: dict, best: Mapping[str, Any], header: str, run_name: str) -> str:
-    """The recipe with the best values: a complete ``xm2 fit`` config (its own schedule and
-    length; the short trial schedule is not part of it)."""
-    config = copy.deepcopy(recipe)
-    for param, value in best.items():
-        # A stepped float (e.g. scale_depth 2.4000000000000004) is written as its grid value.
-        set_path(config, CONFIG_PATHS[param],
-                 round(value, 12) if isinstance(value, float) else value)
-    logger = get_path(config, "trainer.logger")
-    if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("MLFlowLogger"):
-        logger.setdefault("init_args", {})["run_name"] = run_name
-    return header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+def best_config(runs: Runs, recipe: dict, best: Mapping[str, Any], header: str,
+                run_name: str) -> str:
+    """The recipe of ``runs`` with the best values: exactly what ``xm2 fit --print_config``
+    prints for it, a complete config (its own schedule and length; the short trial schedule is
+    not part of it)."""
+    # A stepped float (e.g. scale_depth 2.4000000000000004) is written as its grid value.
+    settings = {**(runs.overrides or {}),
+                **{CONFIG_PATHS[param]: round(value, 12) if isinstance(value, float) else value
+                   for param, value in best.items()}}
+    if str(get_path(recipe, "trainer.logger.class_path", "")).endswith("MLFlowLogger"):
+        settings["trainer.logger.init_args.run_name"] = run_name
+    return header + config_text("fit", runs.configs, override_args(settings))
 
 
 def _figure_of(axes) -> Figure:
@@ -42,7 +41,7 @@ def _figure_of(axes) -> Figure:
 
 
 def summarize_study(study: optuna.Study, recipe: dict, parent: TrackedRun, output: Path,
-                    configs: tuple[str, ...]) -> dict:
+                    proxy: Runs) -> dict:
     """Best values, history, importances and slices, into ``output`` and the parent run."""
     import optuna.visualization.matplotlib as plots
 
@@ -67,10 +66,10 @@ def summarize_study(study: optuna.Study, recipe: dict, parent: TrackedRun, outpu
                         **{f"best/{k}": float(v) for k, v in best.params.items()}})
     header = (f"# Wind tunnel study {study.study_name!r}: best of {len(complete)} complete "
               f"trials (trial {best.number}, {study.user_attrs[SETTINGS_ATTR]['objective']} "
-              f"{best.value:.4f}).\n# The recipe {' + '.join(configs)} at those values; run it "
+              f"{best.value:.4f}).\n# The recipe {' + '.join(proxy.configs)} at those values; run it "
               f"with: xm2 fit --config {output / 'best.yaml'}\n")
     (output / "best.yaml").write_text(
-        best_config(recipe, best.params, header, f"{study.study_name}-best"))
+        best_config(proxy, recipe, best.params, header, f"{study.study_name}-best"))
     parent.log_artifact(output / "best.yaml")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

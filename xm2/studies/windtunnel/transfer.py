@@ -9,11 +9,11 @@ from pathlib import Path
 import optuna
 from matplotlib.figure import Figure
 
-from xm2.studies.windtunnel.callbacks import DivergenceGuard
+from xm2.studies.windtunnel.callbacks import DivergenceGuard, RecordRun
 from xm2.studies.windtunnel.recipe import (
     RunShape,
-    load_recipe,
     recipe_values,
+    resolved_recipe,
     run_shape,
     shortened,
     tracked_fit,
@@ -27,24 +27,24 @@ def transfer_runs(study: optuna.Study, parent: TrackedRun, transfer: Transfer, o
                   diverge_factor: float, output: Path) -> dict:
     """Train the wider model at the best values and at lr × 2^k; plot and log under the parent."""
     best = study.best_trial.params
-    recipe = load_recipe(transfer)
+    recipe = resolved_recipe(transfer)
     shape = run_shape(recipe, transfer)
     prepare_data(recipe, output / ".prepare.lock")
     base_lr = best.get("lr", recipe_values(recipe)["lr"])
     rows = []
     for factor in transfer.log2_lr_factors:
         values = {**best, "lr": base_lr * 2.0**factor}
-        logger = parent.child_logger(f"{study.study_name}-transfer-lr2^{factor:+g}", tags={
+        logger_args = parent.child_args(f"{study.study_name}-transfer-lr2^{factor:+g}", tags={
             "optuna.study": study.study_name, "windtunnel.role": "transfer",
             "windtunnel.log2_lr_factor": factor})
-        logger.log_hyperparams({f"transfer/{k}": v for k, v in values.items()}
-                               | {"transfer/log2_lr_factor": factor})
-        result = tracked_fit(shortened(recipe, transfer, shape, values, output / "runs"), logger,
-                             [DivergenceGuard(diverge_factor)], objective)
+        record = RecordRun({f"transfer/{k}": v for k, v in values.items()}
+                           | {"transfer/log2_lr_factor": factor})
+        result = tracked_fit(transfer, shortened(transfer, shape, values, output / "runs"),
+                             logger_args, [DivergenceGuard(diverge_factor), record], objective)
         if result.value is not None:
-            logger.experiment.log_metric(result.run_id, "objective", result.value)
+            parent.client.log_metric(result.run_id, "objective", result.value)
         else:
-            logger.experiment.set_terminated(result.run_id, "FAILED")
+            parent.client.set_terminated(result.run_id, "FAILED")
         rows.append({"log2_lr_factor": factor, "lr": values["lr"], "value": result.value,
                      "diverged": result.diverged, "seconds": round(result.seconds, 1),
                      "mlflow_run_id": result.run_id})

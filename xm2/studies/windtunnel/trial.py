@@ -13,9 +13,8 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from xm2.config import ModelConfig
 from xm2.data.datamodule import MixtureDataModule
-from xm2.studies.windtunnel.callbacks import DivergenceGuard, ReportToTrial
+from xm2.studies.windtunnel.callbacks import DivergenceGuard, RecordRun, ReportToTrial
 from xm2.studies.windtunnel.recipe import RunShape, get_path, shortened, tracked_fit
 from xm2.studies.windtunnel.settings import Runs
 from xm2.studies.windtunnel.study import RESULT_FAILURE, worker_id
@@ -41,13 +40,13 @@ def prepare_data(config: dict, lock: Path) -> None:
     them in the first trial; several workers at once must not build them together)."""
     data = {k: v for k, v in (config.get("data") or {}).items()
             if k in ("corpus_dir", "tokenizer_path", "shards_dir", "stable", "decay")}
-    data["vocab_size"] = get_path(config, "model.architecture.vocab_size", ModelConfig.vocab_size)
+    data["vocab_size"] = get_path(config, "model.architecture.vocab_size")
     with _file_lock(lock):
         MixtureDataModule(**data).prepare_data()
 
 
 def run_trial(
-    study: optuna.Study, trial: optuna.Trial, *, name: str, recipe: dict, proxy: Runs,
+    study: optuna.Study, trial: optuna.Trial, *, name: str, proxy: Runs,
     shape: RunShape, distributions: dict[str, BaseDistribution], objective: str,
     diverge_factor: float, parent: TrackedRun, output: Path,
 ) -> FrozenTrial:
@@ -56,22 +55,22 @@ def run_trial(
               for param, distribution in distributions.items()}
     trial.set_user_attr("worker", worker_id())
     trial.set_user_attr("heartbeat", time.time())
-    config = shortened(recipe, proxy, shape, values, root_dir=output / "runs")
-    logger = parent.child_logger(f"{name}-trial-{trial.number:03d}", tags={
+    logger_args = parent.child_args(f"{name}-trial-{trial.number:03d}", tags={
         "optuna.study": name, "optuna.trial": trial.number, "windtunnel.role": "trial"})
-    trial.set_user_attr("mlflow_run_id", logger.run_id)
-    logger.log_hyperparams({f"trial/{param}": value for param, value in values.items()})
     report = ReportToTrial(trial, objective)
-    callbacks = [DivergenceGuard(diverge_factor), report]
+    record = RecordRun({f"trial/{param}": value for param, value in values.items()},
+                       on_run=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+    callbacks = [DivergenceGuard(diverge_factor), report, record]
     try:
-        result = tracked_fit(config, logger, callbacks, objective)
+        result = tracked_fit(proxy, shortened(proxy, shape, values, root_dir=output / "runs"),
+                             logger_args, callbacks, objective)
     except BaseException as error:
         trial.set_user_attr("failure", f"{type(error).__name__}: {error}"[:500])
         study.tell(trial, state=TrialState.FAIL)
         raise
     trial.set_user_attr("seconds", round(result.seconds, 2))
     trial.set_user_attr("fit_seconds", round(result.fit_seconds, 2))
-    client = logger.experiment
+    client = parent.client
     if result.diverged:
         trial.set_user_attr("failure", RESULT_FAILURE)
         trial.set_user_attr("reason", result.diverged)
