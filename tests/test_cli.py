@@ -174,3 +174,26 @@ def test_a_second_config_adds_a_callback_and_keeps_the_recipes(tmp_path, capsys)
                              "lightning.pytorch.callbacks.ModelCheckpoint",
                              "callbacks.mixture.MixtureMonitor"]
     assert callbacks[-1] == "callbacks.coord_check.CoordCheck"
+
+
+@pytest.mark.parametrize("precision", [16, "16", "bf16", 32, "32", 64, "64", "16-mixed",
+                                       "bf16-mixed", "32-true", "64-true", "bf16-true", "16-true"])
+def test_precision_names_are_the_ones_lightning_records(precision):
+    """xm2 compares a resume's precision with the checkpoint's by Lightning's own name; its
+    table must agree with Lightning's conversion (a private function: checked here, not used)."""
+    import warnings
+
+    from lightning.fabric.connector import _convert_precision_to_unified_args
+
+    from xm2.lightning_cli import unified_precision
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert unified_precision(precision) == str(_convert_precision_to_unified_args(precision))
+
+
+def test_an_installed_xm2_finds_its_presets_from_any_folder(tmp_path):
+    result = xm2("fit", "--config", "config/nano.yaml", "--config", "config/model/tiny.yaml",
+                 "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "hidden_size: 512" in result.stdout

@@ -247,11 +247,28 @@ def _run_subprocess(words: list[str]) -> RunResult:
 
 def main(words: list[str], command: list[str]) -> None:
     """``xm2 fit|validate|test ...``: :func:`run` on the command line; a divergence is an error."""
-    result = run(words[0], args=words[1:], command=command)
+    result = run(words[0], args=_shipped_configs(words[1:]), command=command)
     if os.environ.get(RESULT_FILE_VARIABLE):
         Path(os.environ[RESULT_FILE_VARIABLE]).write_text(json.dumps(asdict(result)))
     if result.status == "diverged":
         raise TrainingDiverged(result.error)
+
+
+def _shipped_configs(words: list[str]) -> list[str]:
+    """The words with each ``--config config/<preset>`` that is not a file here pointing at the
+    preset shipped with xm2, so an installed xm2 runs its recipes from any folder."""
+    from xm2.presets import resolve_config
+
+    resolved, after_config = [], False
+    for word in words:
+        if after_config:
+            word, after_config = resolve_config(word), False
+        elif word in ("--config", "-c"):
+            after_config = True
+        elif word.startswith("--config="):
+            word = "--config=" + resolve_config(word.removeprefix("--config="))
+        resolved.append(word)
+    return resolved
 
 
 def quiet_lightning_noise() -> None:

@@ -66,20 +66,22 @@ def _mlflow_run(logger: Any) -> tuple[Any, str] | None:
 
 
 def _log_text(logger: Any, text: str, artifact_file: str) -> None:
-    target = _mlflow_run(logger)
-    if target:
-        target[0].log_text(target[1], text, artifact_file)
-    elif getattr(logger, "log_dir", None):
-        path = Path(logger.log_dir) / artifact_file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+    _deliver(logger, artifact_file, lambda client, run_id: client.log_text(run_id, text, artifact_file),
+             lambda path: path.write_text(text))
 
 
 def _log_figure(logger: Any, figure: Any, artifact_file: str) -> None:
+    _deliver(logger, artifact_file,
+             lambda client, run_id: client.log_figure(run_id, figure, artifact_file),
+             figure.savefig)
+
+
+def _deliver(logger: Any, artifact_file: str, to_run: Any, to_file: Any) -> None:
+    """An artefact into the logger's MLflow run, or as a file under its ``log_dir``."""
     target = _mlflow_run(logger)
     if target:
-        target[0].log_figure(target[1], figure, artifact_file)
+        to_run(*target)
     elif getattr(logger, "log_dir", None):
         path = Path(logger.log_dir) / artifact_file
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        to_file(path)
