@@ -17,10 +17,11 @@ PACKAGES = ("xm2", "callbacks")
 LAYERS = [
     ("foundation", "the error kinds, the shipped presets",
      ("xm2/__init__.py", "xm2/errors.py", "xm2/presets.py")),
-    ("model core", "the decoder in plain PyTorch and its config",
-     ("xm2/config.py", "xm2/model.py")),
-    ("µP, optimizer, schedule", "parameter roles, init and learning rates; AdamW; WSD",
-     ("xm2/mup.py", "xm2/optimizer.py", "xm2/schedule.py")),
+    ("model core", "the decoder in plain PyTorch, its config, and µP's parameter roles, init "
+     "and learning rates (the decoder initialises itself by them)",
+     ("xm2/config.py", "xm2/mup.py", "xm2/model.py")),
+    ("optimizer, schedule", "AdamW over the µP groups; WSD",
+     ("xm2/optimizer.py", "xm2/schedule.py")),
     ("training pieces", "the LightningModule and DataModule, corpus and shards, FSDP2, "
      "checkpoint files, resume rules, run tracking, the memory estimate",
      ("xm2/module.py", "xm2/data/", "xm2/parallel.py", "xm2/checkpoint.py", "xm2/resume.py",
@@ -57,9 +58,9 @@ class Rule:
 
 
 RULES = [
-    Rule(("xm2/model.py",), only=("torch", "xm2.config", "xm2.errors"),
+    Rule(("xm2/model.py",), only=("torch", "xm2.config", "xm2.mup", "xm2.errors"),
          why="the decoder is plain PyTorch, readable in one sitting: torch, the standard "
-             "library, its config and the error kinds"),
+             "library, its config, µP's init rules and the error kinds"),
     Rule(("xm2/config.py", "xm2/mup.py", "xm2/schedule.py"), forbidden=LIGHTNING,
          why="the model's shape, µP and the schedule work without a training framework"),
     Rule(("xm2/",), forbidden=("callbacks",),

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         # Errors xm2 raises on purpose say all there is to say; anything else keeps its
         # traceback, and XM2_TRACEBACK=1 shows it for every error. Calls from Python get the
         # exception itself.
-        found = errors.user_error(error)
+        found = errors.user_error(error) or tracking.unreachable_server(error)
         if found is None or os.environ.get(errors.TRACEBACK_VARIABLE) or argv is not None:
             raise
         sys.exit(errors.message(found))

@@ -14,8 +14,6 @@ This module imports nothing heavy: the command's start-up and its error path sta
 
 from __future__ import annotations
 
-import sys
-
 TRACEBACK_VARIABLE = "XM2_TRACEBACK"
 
 
@@ -63,7 +61,7 @@ class EnvironmentProblem(Xm2Error, RuntimeError):
     """The machine lacks what the command needs (a package, a kernel feature, disk space)."""
 
 
-def _chain(error: BaseException):
+def chain(error: BaseException):
     """The error and the errors it was raised from, outermost first (no cycles)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
@@ -79,28 +77,10 @@ def user_error(error: BaseException) -> BaseException | None:
     own; the innermost xm2 error is the one that says what to fix.
     """
     found = None
-    for link in _chain(error):
+    for link in chain(error):
         if isinstance(link, Xm2Error):
             found = link
-    return found if found is not None else _tracking_failure(error)
-
-
-def _tracking_failure(error: BaseException) -> BaseException | None:
-    """An MLflow request that could not reach its server, as one line naming the URL."""
-    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
-    for link in _chain(error):
-        if mlflow_exceptions and isinstance(link, mlflow_exceptions.MlflowException):
-            message = str(link.message)
-            if message.startswith("API request to ") and " failed with" in message:
-                url = message.removeprefix("API request to ").split(" failed with")[0]
-                # MLflow names the full URL, or only the endpoint when the request never left.
-                where = f"at {url}" if url.startswith("http") else f"({message[:300]})"
-                from xm2.tracking import DEFAULT_TRACKING_URI
-
-                return TrackingError(f"the MLflow tracking server does not answer {where}; start "
-                                     "it, or log to a local store with --trainer.logger.init_args."
-                                     f"tracking_uri {DEFAULT_TRACKING_URI}")
-    return None
+    return found
 
 
 def message(error: BaseException) -> str:

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+from xm2.errors import TrackingError, chain
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """The local SQLite store in the working directory, where every command logs by default."""
@@ -66,3 +69,20 @@ def git_tags() -> dict[str, str]:
     changes = git("status", "--porcelain", "--untracked-files=no")
     return {"xm2.git_commit": commit,
             "xm2.git_dirty": "unknown" if changes is None else str(bool(changes)).lower()}
+
+
+def unreachable_server(error: BaseException) -> TrackingError | None:
+    """An MLflow request in ``error`` (or what it wraps) that could not reach its server, as an
+    error that names the URL; None if there is none."""
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    for link in chain(error):
+        if mlflow_exceptions and isinstance(link, mlflow_exceptions.MlflowException):
+            message = str(link.message)
+            if message.startswith("API request to ") and " failed with" in message:
+                url = message.removeprefix("API request to ").split(" failed with")[0]
+                # MLflow names the full URL, or only the endpoint when the request never left.
+                where = f"at {url}" if url.startswith("http") else f"({message[:300]})"
+                return TrackingError(f"the MLflow tracking server does not answer {where}; start "
+                                     "it, or log to a local store with --trainer.logger.init_args."
+                                     f"tracking_uri {DEFAULT_TRACKING_URI}")
+    return None

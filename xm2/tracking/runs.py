@@ -11,13 +11,13 @@ MLflow's nesting is; :meth:`TrackedRun.child_args` gives the ``xm2 fit`` words w
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import mlflow
-from lightning.pytorch.loggers import MLFlowLogger
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 
@@ -90,20 +90,13 @@ class TrackedRun:
         """``xm2 fit`` words that send a run's logger into a new child run of this run: the
         run is then logged exactly as ``xm2 fit`` logs it, nested under this one."""
         all_tags = {key: str(value) for key, value in (tags or {}).items()}
-        from xm2.run import override_args
-
-        logger = "trainer.logger.init_args"
-        return override_args({f"{logger}.experiment_name": self.experiment_name,
-                              f"{logger}.tracking_uri": self.tracking_uri,
-                              f"{logger}.run_name": run_name, f"{logger}.run_id": None,
-                              f"{logger}.tags": {**all_tags, "mlflow.parentRunId": self.run_id}})
-
-    def child_logger(self, run_name: str, tags: Mapping[str, object] | None = None) -> MLFlowLogger:
-        """A Lightning ``MLFlowLogger`` that creates a child run of this run on first use."""
-        all_tags = {key: str(value) for key, value in (tags or {}).items()}
-        return MLFlowLogger(experiment_name=self.experiment_name, tracking_uri=self.tracking_uri,
-                            run_name=run_name,
-                            tags={**all_tags, "mlflow.parentRunId": self.run_id})
+        settings = {"experiment_name": self.experiment_name, "tracking_uri": self.tracking_uri,
+                    "run_name": run_name, "run_id": None,
+                    "tags": {**all_tags, "mlflow.parentRunId": self.run_id}}
+        # Strings as they are, anything else as JSON (YAML to the parser), as xm2.run writes them.
+        return [f"--trainer.logger.init_args.{key}="
+                f"{value if isinstance(value, str) else json.dumps(value)}"
+                for key, value in settings.items()]
 
     def children(self, filter_string: str = "") -> list[mlflow.entities.Run]:
         """The child runs of this run, oldest first; ``filter_string`` narrows them (MLflow syntax)."""
