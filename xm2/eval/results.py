@@ -193,18 +193,14 @@ def rows_from_report(report: dict) -> list[CheckpointResults]:
 def read_results(tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str = "xm2",
                  run_id: str | None = None) -> dict:
     """The results JSON of an ``xm2 evaluate`` run (the newest one if ``run_id`` is None)."""
-    import mlflow
+    from xm2.tracking.runs import TrackedRun
 
-    client = mlflow.MlflowClient(tracking_uri)
     if run_id is None:
-        experiment = client.get_experiment_by_name(experiment_name)
-        if experiment is None:
-            raise ConfigError(f"no experiment {experiment_name!r} in {tracking_uri}")
-        runs = client.search_runs([experiment.experiment_id],
-                                  "tags.`xm2.evaluate` = 'suite' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            raise ConfigError(f"no `xm2 evaluate` run in experiment {experiment_name!r}")
-        run_id = runs[0].info.run_id
-    local = client.download_artifacts(run_id, "evaluation/results.json")
+        found = TrackedRun.latest(tracking_uri, experiment_name, "tags.`xm2.evaluate` = 'suite' "
+                                  "and attributes.status = 'FINISHED'")
+        if found is None:
+            raise ConfigError(f"no finished `xm2 evaluate` run in experiment {experiment_name!r} "
+                              f"of {tracking_uri}")
+        run_id = found.run_id
+    local = TrackedRun.attach(tracking_uri, run_id).download("evaluation/results.json")
     return {"run_id": run_id, **json.loads(Path(local).read_text())}

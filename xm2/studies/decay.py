@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from mlflow import MlflowClient
 
 from xm2.checkpoint import find_checkpoints
 from xm2.errors import CheckpointError, ConfigError
@@ -60,10 +59,6 @@ def stable_mix_for_decay(configs: list[str], overrides: list[str]) -> dict:
     """
     data = resolve("fit", configs, overrides)["data"]
     return {**{name: 0.0 for name in data["decay"]}, **data["stable"]}
-
-
-def _history(client: MlflowClient, run_id: str, metric: str) -> dict[int, float]:
-    return {int(m.step): m.value for m in client.get_metric_history(run_id, metric)}
 
 
 def _interpolate(curve: dict[int, float], step: int) -> float:
@@ -117,9 +112,9 @@ def decay_study(
     plan.append(Branch(mixture_point, max(1, round(decay_fraction * mixture_point)), "stable",
                        available[mixture_point]))
 
-    client = MlflowClient(tracking_uri)
-    stable = client.get_run(stable_run_id)
-    study = TrackedRun.start(tracking_uri, client.get_experiment(stable.info.experiment_id).name,
+    stable_run = TrackedRun.attach(tracking_uri, stable_run_id)
+    stable = stable_run.run
+    study = TrackedRun.start(tracking_uri, stable_run.experiment_name,
                              f"{stable.info.run_name}-decay-study",
                              tags={"xm2.study": "decay", "xm2.stable_run_id": stable_run_id},
                              params={"decay_fraction": decay_fraction, "points": points,
@@ -130,12 +125,12 @@ def decay_study(
                   f"{branch.decay_steps} decay steps on the {branch.mixture} mixture", flush=True)
             _run_branch(branch, configs, overrides, tracking_uri, stable.info.run_name,
                         study.run_id)
-        summary = summarize(client, tracking_uri, stable_run_id, study.run_id)
+        summary = summarize(tracking_uri, stable_run_id, study.run_id)
         folder = Path(output) / study.run_id
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         study.log_artifact(folder / "summary.json")
-        study.log_figure(wsd_figure(client, stable_run_id, summary), folder / "wsd_branches.png")
+        study.log_figure(wsd_figure(tracking_uri, stable_run_id, summary), folder / "wsd_branches.png")
         study.log_figure(mixture_figure(summary), folder / "decay_mixture.png")
         for row in summary["branches"]:
             label = f"step{row['source_step']}_{row['mixture']}"
@@ -168,20 +163,22 @@ def _run_branch(branch: Branch, configs: list[str], overrides: list[str], tracki
     run("fit", configs, args, isolated=True)
 
 
-def summarize(client: MlflowClient, tracking_uri: str, stable_run_id: str, study_id: str) -> dict:
+def summarize(tracking_uri: str, stable_run_id: str, study_id: str) -> dict:
     """Each branch's end losses against the stable run's trajectory at the same step."""
-    stable_curve = _history(client, stable_run_id, "val/loss")
-    stable = client.get_run(stable_run_id)
+    stable_run = TrackedRun.attach(tracking_uri, stable_run_id)
+    stable_curve = stable_run.metric_history("val/loss")
+    stable = stable_run.run
     logged_start = stable.data.params.get("schedule/decay_start_step")
     decay_start = None if logged_start is None else int(float(logged_start))
     stable_phase = {s: v for s, v in stable_curve.items()
                     if data_phase(s, decay_start) == "stable"} or stable_curve
     rows = []
     for row in branches(stable_run_id, tracking_uri):
-        run = client.get_run(row["run_id"])
+        branch = TrackedRun(tracking_uri, stable_run.experiment_name, row["run_id"])
+        run = branch.run
         if run.data.tags.get(STUDY_TAG) != study_id:
             continue
-        curve = _history(client, row["run_id"], "val/loss")
+        curve = branch.metric_history("val/loss")
         # Compare at the step the branch's last validation was logged under, as the stable run's.
         end = max(curve) if curve else row["source_step"] + row["decay_steps"]
         losses = {key.removeprefix("val/loss_"): value for key, value in run.data.metrics.items()
@@ -210,17 +207,17 @@ def summarize(client: MlflowClient, tracking_uri: str, stable_run_id: str, study
     }
 
 
-def wsd_figure(client: MlflowClient, stable_run_id: str, summary: dict) -> Figure:
+def wsd_figure(tracking_uri: str, stable_run_id: str, summary: dict) -> Figure:
     figure = Figure(figsize=(8, 5))
     axis = figure.subplots()
-    stable = _history(client, stable_run_id, "val/loss")
+    stable = TrackedRun(tracking_uri, "", stable_run_id).metric_history("val/loss")
     tokens_per_step = next((r["source_tokens"] / r["source_step"] for r in summary["branches"]
                             if r["source_tokens"]), 1.0)
     steps = sorted(stable)
     axis.plot([s * tokens_per_step for s in steps], [stable[s] for s in steps], color="black",
               marker="o", ms=3, label="stable run (its own decay at the end)")
     for row in sorted(summary["branches"], key=lambda r: r["source_step"]):
-        curve = _history(client, row["run_id"], "val/loss")
+        curve = TrackedRun(tracking_uri, "", row["run_id"]).metric_history("val/loss")
         curve = {row["source_step"]: row["stable_val_loss_at_source"], **curve}
         xs = sorted(curve)
         style = "-" if row["mixture"] == "decay" else ":"

@@ -107,6 +107,33 @@ class TrackedRun:
         return self.client.search_runs([experiment], " AND ".join(clauses),
                                        order_by=["attributes.start_time ASC"], max_results=50_000)
 
+    @classmethod
+    def latest(cls, tracking_uri: str, experiment_name: str, filter_string: str) -> TrackedRun | None:
+        """The newest run of ``experiment_name`` that matches ``filter_string`` (MLflow syntax)."""
+        client = mlflow.MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return None
+        found = client.search_runs([experiment.experiment_id], filter_string,
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        return cls(tracking_uri, experiment_name, found[0].info.run_id) if found else None
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def run(self) -> mlflow.entities.Run:
+        """The run as MLflow has it now: info (name, status), params, tags, last metrics."""
+        return self.client.get_run(self.run_id)
+
+    def metric_history(self, key: str) -> dict[int, float]:
+        """Every logged value of metric ``key``, by step."""
+        return {int(point.step): point.value
+                for point in self.client.get_metric_history(self.run_id, key)}
+
+    def download(self, artifact_path: str) -> Path:
+        """A local copy of one of the run's artefacts."""
+        return Path(self.client.download_artifacts(self.run_id, artifact_path))
+
     # ------------------------------------------------------------------ logging
 
     def log_params(self, params: Mapping[str, object]) -> None:
