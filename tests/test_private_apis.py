@@ -40,3 +40,36 @@ def test_throughput_monitor_keeps_one_throughput_per_stage_in_throughputs(tmp_pa
     for metrics in logged:
         assert metrics["train/device/mfu"] == pytest.approx(
             metrics["train/device/flops_per_sec"] / PEAK_FLOPS), checked
+
+
+def test_lm_eval_template_lm_splits_a_request_with_encode_pair():
+    """xm2/eval/lm_eval.py overrides and xm2/eval/lm_eval_compare.py calls
+    ``TemplateLM._encode_pair(context, continuation) -> (context ids, continuation ids)``, the
+    method through which lm-eval's own ``loglikelihood`` encodes every request."""
+    import inspect
+
+    from lm_eval.api.model import TemplateLM
+
+    checked = (f"checked on lm-eval 0.4.13; installed: lm-eval {metadata.version('lm-eval')}")
+    method = getattr(TemplateLM, "_encode_pair", None)
+    assert callable(method), checked
+    assert list(inspect.signature(method).parameters) == ["self", "context", "continuation"], checked
+    assert "_encode_pair" in inspect.getsource(TemplateLM.loglikelihood), checked
+
+
+def test_lightning_cli_applies_a_checkpoints_hyperparameters_in_parse_ckpt_path():
+    """xm2/lightning_cli.py overrides ``LightningCLI._parse_ckpt_path``: Lightning's own version,
+    called right after ``parse_arguments``, replaces the command line's model settings with the
+    checkpoint's hyperparameters silently; xm2's applies or refuses each difference instead
+    (xm2.resume). No public hook runs in its place, so the override is pinned here."""
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from xm2.lightning_cli import Xm2CLI
+
+    checked = versions(["lightning"])
+    init = inspect.getsource(LightningCLI.__init__)
+    assert "self.parse_arguments(self.parser, args)\n        self._parse_ckpt_path()" in init, checked
+    assert "hyper_parameters" in inspect.getsource(LightningCLI._parse_ckpt_path), checked
+    assert Xm2CLI._parse_ckpt_path is not LightningCLI._parse_ckpt_path

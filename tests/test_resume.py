@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 from tests.test_cli import smoke_args, xm2
 from xm2.checkpoint import load_checkpoint_file, record_path
 from xm2.data.tokenizer import train_tokenizer
-from xm2.tracking import branches
+from xm2.tracking.lineage import branches
 
 FP32 = ["--trainer.precision", "32-true"]
 
