@@ -17,7 +17,8 @@ class CoordCheck(L.Callback):
     training batch runs with the hooks of :class:`xm2.studies.coord_check.ActivationRecorder`,
     and ``coord/<module>`` is logged for ``embedding``, ``layer<i>.attention|mlp|residual``,
     ``final_norm`` and ``logits``. Compare runs of different widths at equal steps: under µP the
-    curves coincide. Sizes are those of rank 0's batch.
+    curves coincide. Sizes are those of rank 0's batch. ``xm2 coord-check`` names it, with
+    every_n_steps 1, in each of its runs and reads the metrics back from them.
     """
 
     def __init__(self, every_n_steps: int = 50) -> None:

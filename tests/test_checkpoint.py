@@ -1,16 +1,20 @@
 """Checkpoint files: atomic saves, digest records, refused damage, orphans, kills mid-save."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import CORPUS, ROOT
+from tests.test_errors import console, one_line_error
 from xm2 import resume
 from xm2.checkpoint import (
     VerifiedCheckpointIO,
@@ -181,6 +185,101 @@ def test_a_mismatched_tokenizer_is_refused_when_a_data_module_loads_the_checkpoi
     module.load_state_dict(module.state_dict())
     with pytest.raises(CheckpointError, match="was trained with the tokenizer of SHA-256 0000"):
         module.load_state_dict({"tokenizer_sha256": "0" * 64})
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Invert one byte of ``path`` (by default the middle one, inside the tensor data)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_without_a_record_warns_once_per_file(tmp_path, capsys):
+    path = tmp_path / "copied.ckpt"
+    save_checkpoint_file(checkpoint(4), path)
+    record_path(path).unlink()
+    load_checkpoint_file(path, mmap=True)  # as validate/resume check --ckpt_path
+    VerifiedCheckpointIO().load_checkpoint(path)  # Lightning's load then: no second warning
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"xm2: warning: checkpoint {path} has no record") and \
+        "cannot be verified" in warning
+
+
+def test_a_copy_without_its_record_is_loaded_only_with_a_warning_until_vouched_for(
+        tiny_checkpoint, tmp_path):
+    copied = tmp_path / "copied.ckpt"
+    shutil.copy(tiny_checkpoint, copied)  # as `scp` without the .json beside it
+    flip_byte(copied)
+    generated = console("generate", str(copied), "--prompt", "Once", "--max_new_tokens", "2",
+                        cwd=tmp_path)
+    # Damage that torch.load does not notice: it still runs, but says it could not check.
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert ("xm2: warning: checkpoint " + str(copied) + " has no record (copied.ckpt.json), so "
+            "it cannot be verified: damage to it would go unnoticed") in generated.stderr
+    unverified = one_line_error(console("verify", str(copied), cwd=tmp_path))
+    assert unverified == (f"xm2: error: checkpoint {copied} has no record (copied.ckpt.json), so "
+                          "it cannot be verified; if you know where it came from and vouch for "
+                          f"it, write one with `xm2 verify {copied} --write_record true`")
+
+    vouched = tmp_path / "vouched.ckpt"
+    shutil.copy(tiny_checkpoint, vouched)
+    written = console("verify", str(vouched), "--write_record", "true", cwd=tmp_path)
+    assert written.returncode == 0, written.stderr[-2000:]
+    record = json.loads(record_path(vouched).read_text())
+    assert record["sha256"] == json.loads(record_path(tiny_checkpoint).read_text())["sha256"]
+    assert record["global_step"] == 7 and record["vouched_for"] == "xm2 verify --write_record"
+    flip_byte(vouched)
+    refused = one_line_error(console("generate", str(vouched), "--prompt", "Once",
+                                     cwd=tmp_path))
+    assert refused.startswith(f"xm2: error: checkpoint {vouched} is damaged: ")
+
+
+EVIL = """
+import os, sys, torch
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {sys.argv[2]}",))
+torch.save({"global_step": 1, "state_dict": {}, "hook": RunsCode()}, sys.argv[1])
+"""
+
+
+SYSTEM = f"{os.system.__module__}.system"  # posix.system where the tests run
+
+
+def write_file_that_runs_code(path: Path, marker: Path) -> None:
+    """A torch file whose unpickling runs ``touch marker`` (what a hostile checkpoint does)."""
+    subprocess.run([sys.executable, "-c", EVIL, str(path), str(marker)], check=True)
+
+
+def test_a_file_that_runs_code_is_refused_in_one_line_without_torchs_advice(tmp_path):
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "code-ran"
+    write_file_that_runs_code(evil, marker)
+    refusal = (f"xm2: error: checkpoint {evil} holds objects other than tensors and plain data "
+               f"(such as {SYSTEM}), which can run code when loaded; xm2 does not load "
+               "such files")
+    result = console("verify", str(evil), "--write_record", "true", cwd=tmp_path)
+    assert one_line_error(result) == refusal
+    assert "weights_only" not in result.stderr  # torch's advice to retry without it is gone
+    assert not marker.exists() and not record_path(evil).exists()
+    with pytest.raises(CheckpointError) as caught:  # the path every loader takes
+        load_checkpoint_file(evil)
+    assert f"xm2: error: {caught.value}" == refusal and not marker.exists()
+
+
+def test_consolidating_a_folder_whose_metadata_runs_code_is_refused_in_one_line(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step=6.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP saving without a process group says so
+        dcp.save({"state_dict": {"model.w": torch.ones(4)}}, checkpoint_id=folder)
+    marker = tmp_path / "code-ran"
+    write_file_that_runs_code(folder / "meta.pt", marker)
+    line = one_line_error(console("consolidate-checkpoint", str(folder), cwd=tmp_path))
+    assert line == (f"xm2: error: checkpoint metadata {folder / 'meta.pt'} holds objects other "
+                    f"than tensors and plain data (such as {SYSTEM}), which can run code "
+                    "when loaded; xm2 does not load such files")
+    assert not marker.exists() and not list(tmp_path.glob("*.consolidated.ckpt"))
 
 
 def test_path_helpers_keep_partial_files_hidden_beside_the_target():

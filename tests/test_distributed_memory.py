@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from tests.conftest import ROOT
+from tests.test_cli import xm2
+from tests.test_errors import one_line_error
 from xm2.config import ModelConfig
 from xm2.memory import GIB, estimate, memory, read_architecture
 from xm2.model import Decoder
@@ -69,7 +72,17 @@ def test_memory_command_prints_the_table(capsys):
     ({"precision": "fp8"}, "precision='fp8'; allowed: 32-true, bf16-mixed"),
     ({"model": "huge"}, "model preset 'huge' not found"),
     ({"seq_len": 8192}, "seq_len=8192 exceeds the model's max_seq_len=4096"),
+    ({"seq_len": -1}, "seq_len=-1 must be >= 1"),
+    ({"batch_size": 0}, "batch_size=0 must be >= 1"),
 ])
 def test_bad_memory_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         memory(**{"model": "xmodel2-1.2b", **kwargs})
+
+
+def test_memory_command_refuses_a_sequence_length_of_zero(tmp_path):
+    # 0 is a length, not "unset": the preset's 4096 must not be estimated instead.
+    result = xm2("memory", "--seq_len", "0", cwd=ROOT)
+    assert one_line_error(result) == ("xm2: error: seq_len=0 must be >= 1 (tokens per sequence); "
+                                      "leave it out for the preset's max_seq_len=4096")
+    assert result.stdout == ""

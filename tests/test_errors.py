@@ -5,6 +5,8 @@ the real ``xm2`` console script, where the absence of a traceback is what is bei
 """
 
 import os
+import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -20,8 +22,8 @@ from tests.conftest import CORPUS, ROOT
 from xm2 import errors, preflight
 from xm2.cli import main
 from xm2.data.corpus import load_manifest, read_documents, split_path
-from xm2.data.shards import open_shard, shard_problem, write_shards
-from xm2.data.tokenizer import load_tokenizer
+from xm2.data.shards import open_shard, shard_problem
+from xm2.data.tokenizer import file_digest, load_tokenizer
 from xm2.errors import ConfigError, DataError, TrackingError, Xm2Error
 from xm2.lightning_cli import validate_command
 
@@ -67,12 +69,19 @@ def test_corrupt_meta_file_is_named(shard_copy):
         open_shard(shard_copy, "docs", "train")
 
 
-def test_write_shards_rewrites_a_damaged_shard(shard_copy, tokenizer_path, capsys):
+def test_tokenize_announces_and_rewrites_a_damaged_shard(shard_copy, tokenizer_path, tmp_path):
+    # Shards are a cache of the corpus: a damaged one is written again, and says so in one line.
     array = shard_copy / "prose" / "val.bin"
     intact = array.read_bytes()
     array.write_bytes(intact[:10])
-    write_shards(CORPUS, tokenizer_path, shard_copy.parent, ["prose"])
-    assert "is damaged" in capsys.readouterr().err
+    result = console("tokenize", "--tokenizer_path", str(tokenizer_path), "--corpus_dir",
+                     str(CORPUS), "--shards_dir", str(shard_copy.parent), "--sources", "[prose]",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"xm2: token shard {array} is damaged: 10 bytes, but its meta file records "
+        f"{len(intact) // 2} uint16 tokens ({len(intact)} bytes); rewriting the shard from "
+        f"{CORPUS}/prose/val.jsonl.gz"]
     assert array.read_bytes() == intact and shard_problem(array.with_suffix(".json")) is None
 
 
@@ -117,6 +126,39 @@ def test_accumulate_grad_batches_below_one_is_refused(value):
     with pytest.raises(ConfigError, match=rf"trainer.accumulate_grad_batches={value} must be an "
                                           "integer >= 1"):
         preflight.check_trainer({"accumulate_grad_batches": value, "max_steps": 10})
+
+
+@pytest.mark.parametrize("devices", [0, "0", [], -2, "-3", "two", [0, -1], ","])
+def test_devices_lightning_cannot_run_on_are_refused(devices):
+    with pytest.raises(ConfigError, match=rf"trainer.devices={re.escape(str(devices))} must be "
+                                          r"'auto', a number of devices >= 1, -1 \(every GPU\)"):
+        preflight.check_trainer({"devices": devices, "accumulate_grad_batches": 1})
+
+
+@pytest.mark.parametrize(("devices", "on_cpu"), [("auto", True), (1, True), ("2", True),
+                                               (-1, False), ("-1", False), ([0, 1], False),
+                                               ("0,", False), ("0,1", False)])
+def test_devices_lightning_runs_on_are_accepted_and_gpu_ones_refused_on_cpu(devices, on_cpu):
+    preflight.check_trainer({"devices": devices, "accumulate_grad_batches": 1})
+    on_the_cpu = {"devices": devices, "accelerator": "cpu", "accumulate_grad_batches": 1}
+    if on_cpu:
+        preflight.check_trainer(on_the_cpu)
+        return
+    # -1 and device indices mean GPUs: with the CPU, Lightning raises a TypeError.
+    with pytest.raises(ConfigError, match=rf"trainer.devices={re.escape(str(devices))} must be "
+                                          "'auto' or a number of processes >= 1 with "
+                                          r"trainer.accelerator=cpu \(-1 and device indices"):
+        preflight.check_trainer(on_the_cpu)
+
+
+def test_a_store_under_a_file_or_that_is_a_folder_is_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file\n")
+    with pytest.raises(TrackingError, match=rf"store {tmp_path}/notes.txt/runs/mlflow.db .*cannot "
+                                            rf"be created: its parent {tmp_path}/notes.txt is a "
+                                            "file, not a folder"):
+        preflight.check_tracking_uri(f"sqlite:///{tmp_path}/notes.txt/runs/mlflow.db")
+    with pytest.raises(TrackingError, match=rf"store {tmp_path} .*is a folder, not an SQLite file"):
+        preflight.check_tracking_uri(f"sqlite:///{tmp_path}")
 
 
 def test_unreachable_tracking_server_fails_in_seconds_naming_the_url():
@@ -235,6 +277,100 @@ def test_console_script_accumulation_of_zero_is_one_line_and_leaves_no_run(tmp_p
                      cwd=tmp_path)
     assert "trainer.accumulate_grad_batches=0" in one_line_error(result)
     assert not (tmp_path / "mlflow.db").exists()  # refused before the store was even opened
+
+
+@pytest.fixture
+def prose_corpus(corpus_copy) -> Path:
+    """A corpus whose prose source has the bundled held-out prose as both splits."""
+    shutil.copy(corpus_copy / "prose" / "val.jsonl.gz", corpus_copy / "prose" / "train.jsonl.gz")
+    return corpus_copy
+
+
+def shard_bytes(tokenizer_path, corpus, source: str, split: str) -> int:
+    """The size of the token shard of ``source``/``split``: uint16 ids, EOS after each document."""
+    encoded = load_tokenizer(tokenizer_path).encode(list(read_documents(corpus, source, split)))
+    return 2 * sum(len(ids) + 1 for ids in encoded)
+
+
+def unmount(mount_point: Path) -> None:
+    subprocess.run(["umount", str(mount_point)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 KiB filesystem (tmpfs; tests run as root), smaller than any shard."""
+    mount_point = tmp_path / "small_disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"no tmpfs can be mounted here ({mounted.stderr.strip()}); the file size "
+                    "limit test covers the same message")
+    yield mount_point
+    unmount(mount_point)
+
+
+def test_a_full_disk_names_the_shard_and_leaves_no_shard(tmp_path, tokenizer_path, prose_corpus,
+                                                         small_disk):
+    args = ("tokenize", "--tokenizer_path", str(tokenizer_path), "--corpus_dir", "corpus",
+            "--shards_dir", "small_disk", "--sources", "[prose]")
+    result = console(*args, cwd=tmp_path)
+    shard = Path("small_disk", tokenizer_path.stem + "-" + file_digest(tokenizer_path)[:12],
+                 "prose", "train.bin")
+    assert re.fullmatch(
+        rf"xm2: error: no room to write token shard {shard}: the disk is full \(ENOSPC\); it "
+        rf"needs {shard_bytes(tokenizer_path, prose_corpus, 'prose', 'train'):,} bytes, "
+        r"1[0-9,]+ bytes were written and 1[0-9,]+ bytes are free there\. The partial file was "
+        r"removed; free space or point --shards_dir \(data\.shards_dir\) at a disk with room "
+        r"and run the command again", one_line_error(result))
+    assert [path for path in small_disk.rglob("*") if path.is_file()] == []
+    unmount(small_disk)  # room again: the next run writes the shards whole
+    assert console(*args, cwd=tmp_path).returncode == 0
+    assert shard_problem(tmp_path / shard.with_suffix(".json")) is None
+
+
+def test_a_file_size_limit_names_the_shard_and_leaves_no_shard(tmp_path, tokenizer_path,
+                                                               prose_corpus):
+    limit = 10_000
+    result = subprocess.run(
+        [str(CONSOLE_SCRIPT), "tokenize", "--tokenizer_path", str(tokenizer_path), "--corpus_dir",
+         "corpus", "--shards_dir", "shards", "--sources", "[prose]"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    shard = Path("shards", tokenizer_path.stem + "-" + file_digest(tokenizer_path)[:12], "prose",
+                 "train.bin")
+    assert re.fullmatch(
+        rf"xm2: error: no room to write token shard {shard}: the file size limit is reached "
+        rf"\(EFBIG\); it needs {shard_bytes(tokenizer_path, prose_corpus, 'prose', 'train'):,} "
+        rf"bytes, {limit:,} bytes were written and .* bytes .*are free there\. The partial file "
+        r"was removed; raise the limit \(`ulimit -f`\) or point --shards_dir "
+        r"\(data\.shards_dir\) at a disk with room and run the command again",
+        one_line_error(result))
+    assert [path for path in (tmp_path / "shards").rglob("*") if path.is_file()] == []
+
+
+def test_console_script_zero_devices_is_one_line_and_leaves_no_store(tmp_path):
+    result = console("fit", "--config", str(ROOT / "config" / "nano.yaml"),
+                     "--trainer.devices", "0",
+                     "--trainer.logger.init_args.tracking_uri", f"sqlite:///{tmp_path}/mlflow.db",
+                     cwd=tmp_path)
+    assert one_line_error(result) == (
+        "xm2: error: trainer.devices=0 must be 'auto', a number of devices >= 1, -1 (every GPU) "
+        "or a list of GPU indices such as [0, 1]")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_console_script_store_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "README.md").write_text("# a file, not a folder\n")
+    result = console("fit", "--config", str(ROOT / "config" / "nano.yaml"),
+                     "--trainer.logger.init_args.tracking_uri", "sqlite:///README.md/mlflow.db",
+                     cwd=tmp_path)
+    assert one_line_error(result) == (
+        "xm2: error: the MLflow store README.md/mlflow.db (tracking_uri "
+        "sqlite:///README.md/mlflow.db) cannot be created: its parent README.md is a file, not a "
+        "folder; give --trainer.logger.init_args.tracking_uri a file in a folder, e.g. "
+        "sqlite:///mlflow.db")
 
 
 def test_traceback_shown_on_request(tmp_path, monkeypatch):

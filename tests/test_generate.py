@@ -6,7 +6,13 @@ import torch
 
 from tests.test_cli import xm2
 from xm2.config import ModelConfig
-from xm2.eval.generate import context_budget, cut_at_stop, generate, generate_ids
+from xm2.eval.generate import (
+    context_budget,
+    context_notes,
+    cut_at_stop,
+    generate,
+    generate_ids,
+)
 from xm2.eval.load import load_checkpoint_model
 from xm2.model import Decoder
 
@@ -90,6 +96,31 @@ def test_generate_command(tiny_checkpoint, tmp_path):
     assert result.stdout.startswith("The river")
     missing = xm2("generate", "nowhere.ckpt", "--prompt", "[x]", cwd=tmp_path)
     assert missing.returncode == 1 and "checkpoint nowhere.ckpt does not exist" in missing.stderr
+
+
+def test_a_prompt_cut_to_the_context_is_announced(tiny_checkpoint, tokenizer_path, tmp_path):
+    from xm2.data.tokenizer import load_tokenizer
+
+    long = "The river runs past the mill and under the old stone bridge. " * 8
+    length = len(load_tokenizer(tokenizer_path).encode(long))
+    assert length > 64  # the tiny model's context
+    result = xm2("generate", str(tiny_checkpoint), "--prompt", long, "--max_new_tokens", "8",
+                 cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # 56 prompt tokens and 8 new ones fill the context of 64; the boundary token goes first.
+    assert (f"xm2: note: the prompt has {length} tokens and the model's context is 64: its "
+            f"oldest {length - 56} tokens were dropped, the last 56 kept, and it gets 8 new "
+            "tokens") in result.stderr.splitlines()
+    assert result.stdout.startswith(long)
+    # Several prompts are numbered; one that fits says nothing; fewer new tokens are said too.
+    assert context_notes([5, 40, 60], 64, 64) == [
+        "xm2: note: prompt 1 gets 58 new tokens of the 64 asked for: with its 5 tokens the "
+        "model's context of 64 has no room for more",
+        "xm2: note: prompt 2 has 40 tokens and the model's context is 64: its oldest 8 tokens "
+        "were dropped, the last 32 kept, and it gets 32 new tokens of the 64 asked for",
+        "xm2: note: prompt 3 has 60 tokens and the model's context is 64: its oldest 28 tokens "
+        "were dropped, the last 32 kept, and it gets 32 new tokens of the 64 asked for"]
+    assert context_notes([5], 8, 64) == []
 
 
 def test_the_continuation_keeps_its_word_boundary_space(tokenizer_path):

@@ -3,6 +3,9 @@
 import gzip
 import json
 import math
+import os
+import shutil
+import subprocess
 from itertools import islice
 from pathlib import Path
 
@@ -20,12 +23,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from tests.conftest import CORPUS
+from tests.conftest import CORPUS, ROOT
 from tests.test_cli import xm2
+from tests.test_errors import CONSOLE_SCRIPT, console, one_line_error
 from xm2.checkpoint import save_checkpoint_file
 from xm2.config import ModelConfig
 from xm2.data.tokenizer import file_digest, load_tokenizer
-from xm2.errors import ConfigError
+from xm2.errors import CheckpointError, ConfigError
 from xm2.eval.generate import generate_ids
 from xm2.eval.load import load_checkpoint_model
 from xm2.interop.hf_export import export_hf
@@ -352,8 +356,50 @@ def test_bad_inputs_are_refused_by_name(tmp_path, exported, tokenizer_path):
         import_hf(str(folder), str(tmp_path / "out"))
     (folder / "model.safetensors").unlink()
     torch.save({"weights": torch.ones(2), "code": object()}, folder / "pytorch_model.bin")
-    with pytest.raises(ConfigError, match="weights_only=True"):
+    with pytest.raises(CheckpointError) as refused:
         import_hf(str(folder), str(tmp_path / "out"), tokenizer_path=str(tokenizer_path))
+    assert str(refused.value) == (
+        f"weights file {folder / 'pytorch_model.bin'} holds objects other than tensors and plain "
+        "data (such as object), which can run code when loaded; xm2 does not load "
+        "such files")
+
+
+def read_only_mount_command(folder: Path, *command: str) -> list[str] | None:
+    """``command`` in a private mount namespace where ``folder`` is an empty read-only tmpfs, or
+    None where this process may not mount (chmod does not stop root, the tests' usual user)."""
+    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(folder)]
+    if shutil.which("unshare") is None or subprocess.run(
+            [*wrapper, "true"], capture_output=True).returncode != 0:
+        return None
+    return [*wrapper, *command]
+
+
+def test_an_export_to_a_read_only_filesystem_is_one_line_naming_the_folder(exported, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    command = read_only_mount_command(read_only, str(CONSOLE_SCRIPT), "export-hf",
+                                      str(exported["checkpoint"]), "--output",
+                                      str(read_only / "export"), "--verify", "false")
+    if command is None:
+        pytest.skip("cannot mount a read-only filesystem here (needs unshare and mount rights)")
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert one_line_error(result) == (
+        f"xm2: error: cannot write the output folder {read_only / 'export'}: Read-only file "
+        f"system ({read_only / '.export.partial'}); nothing was written there; give --output a "
+        "folder on a filesystem you can write")
+
+
+def test_an_export_under_a_file_is_one_line_naming_the_folder(exported, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    output = blocker / "export"
+    line = one_line_error(console("export-hf", str(exported["checkpoint"]), "--output",
+                                  str(output), "--verify", "false", cwd=tmp_path))
+    assert line == (f"xm2: error: cannot write the output folder {output}: Not a directory "
+                    f"({blocker / '.export.partial'}); nothing was written there; a part of its "
+                    "path is a file: give --output a folder")
 
 
 @pytest.mark.slow

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from lm_eval.api.instance import Instance
 
 from tests.conftest import ROOT
+from tests.test_errors import CONSOLE_SCRIPT, one_line_error
 from xm2.analysis.multiple_choice import item_requests
 from xm2.data.eval_sets import read_items
 from xm2.data.tokenizer import EOS_ID
+from xm2.errors import ConfigError
 from xm2.eval.generate import generate
 from xm2.eval.lm_eval import (
     Xm2LM,
@@ -210,3 +212,19 @@ def test_lm_eval_command_line_runs_a_local_task_offline(lm, questions, tiny_chec
     assert results["results"]["xm2_tiny_mc"]["acc_norm,none"] == in_process["acc_norm,none"]
     assert results["config"]["model"] == "xm2" and results["config"]["global_step"] == 7
     assert results["config"]["model_batch_size"] == 4
+
+
+def test_an_unknown_task_is_one_line_naming_it_and_how_to_list_tasks(lm, tiny_checkpoint,
+                                                                    tmp_path):
+    result = subprocess.run(
+        [str(CONSOLE_SCRIPT), "lm-eval", "--model", "xm2", "--model_args",
+         f"checkpoint={tiny_checkpoint},device=cpu", "--tasks", "no_such_task"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HF_DATASETS_OFFLINE": "1",
+             "HF_HUB_OFFLINE": "1"})
+    assert one_line_error(result) == (
+        "xm2: error: lm-eval does not know the task no_such_task (--tasks takes task, group or "
+        "tag names, or task YAML files); list the known tasks with `xm2 lm-eval ls tasks`, "
+        "adding --include_path <folder> for a folder of your own task YAMLs")
+    with pytest.raises(ConfigError, match="lm-eval does not know the task no_such_task"):
+        evaluate_tasks(lm, ["no_such_task"])  # lm-eval's KeyError there, the same line

@@ -3,6 +3,7 @@ sources that train; an existing SentencePiece model is used as it is."""
 
 import gzip
 import json
+import random
 import shutil
 
 import numpy as np
@@ -12,10 +13,11 @@ from mlflow import MlflowClient
 
 from tests.conftest import CORPUS, ROOT
 from tests.test_cli import smoke_args, xm2
+from tests.test_errors import one_line_error
 from xm2.data.corpus import read_documents, source_names, text_source_names
 from xm2.data.shards import open_shard, write_shards
 from xm2.data.sources import add_source, add_tokens
-from xm2.errors import ConfigError
+from xm2.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -63,6 +65,7 @@ def test_text_folder_becomes_a_source(corpus, text_folder):
     manifest = json.loads((corpus / "manifest.json").read_text())
     entry = manifest["sources"]["notes"]
     assert entry["licence"] == "CC0" and entry["train_docs"] + entry["val_docs"] == 24
+    assert entry["kind"] == "pretraining"  # --kind, not the layout of the folder
     assert entry["val_docs"] >= 1
     assert "notes" in source_names(corpus)
     documents = [*read_documents(corpus, "notes", "train"), *read_documents(corpus, "notes", "val")]
@@ -87,6 +90,96 @@ def test_bad_source_inputs_are_named(corpus, text_folder, saved_dataset):
         add_source("saved", str(saved_dataset), str(corpus))
 
 
+def test_bad_text_settings_are_named(corpus, text_folder):
+    with pytest.raises(ConfigError, match="encoding='utf-9' is not a text encoding Python knows"):
+        add_source("notes", str(text_folder), str(corpus), encoding="utf-9")
+    with pytest.raises(ConfigError, match="kind='book'; allowed: pretraining, instruction"):
+        add_source("notes", str(text_folder), str(corpus), kind="book")
+    (text_folder / "wide.txt").write_text("Written by Notepad.\n", encoding="utf-16")
+    with pytest.raises(DataError, match="wide.txt starts with a UTF-16 byte-order mark but is "
+                                        "read as utf-8; give --encoding utf-16"):
+        add_source("notes", str(text_folder), str(corpus), text_field="body")
+
+
+# Through the console script, with files as they come: other encodings, binary data, damage.
+
+FRENCH = "Le café de la gare ouvre à sept heures.\nIl ferme à minuit, même le dimanche.\n"
+
+
+def test_text_in_another_encoding_is_refused_by_file_and_line_then_read_with_encoding(
+        tmp_path, corpus):
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    for index, text in enumerate(real_documents(3)):
+        (folder / f"a{index}.txt").write_text(text)
+    (folder / "b_french.txt").write_bytes(FRENCH.encode("latin-1"))
+    refused = xm2("add-source", "letters", "letters", "--corpus_dir", "corpus", cwd=tmp_path)
+    assert one_line_error(refused) == (
+        "xm2: error: letters/b_french.txt line 1, column 7: byte 0xe9 is not valid utf-8; name "
+        "the files' encoding with --encoding (e.g. latin-1, cp1252, utf-16) or convert the file "
+        "to utf-8")
+    assert "letters" not in source_names(corpus)
+    (folder / "c_german.txt").write_text("Die Straße am Fluss.\n")  # UTF-8 among latin-1 files
+    mixed = xm2("add-source", "letters", "letters", "--corpus_dir", "corpus",
+                "--encoding", "latin-1", cwd=tmp_path)
+    assert one_line_error(mixed) == (
+        "xm2: error: letters/c_german.txt line 1 is UTF-8 text, not latin-1: read as latin-1 its "
+        "'ß' would become 'Ã\\x9f'; if the folder mixes encodings, convert its latin-1 files to "
+        "UTF-8 (iconv -f latin-1 -t utf-8) and add it without --encoding")
+    (folder / "c_german.txt").unlink()
+    # The other letters are ASCII, which latin-1 reads as UTF-8 does.
+    added = xm2("add-source", "letters", "letters", "--corpus_dir", "corpus",
+                "--encoding", "latin-1", cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    documents = [*read_documents(corpus, "letters", "train"),
+                 *read_documents(corpus, "letters", "val")]
+    assert sorted(documents) == sorted([*real_documents(3), FRENCH])
+    assert not any("\ufffd" in text for text in documents)
+
+
+def test_binary_and_empty_inputs_are_skipped_and_counted(tmp_path, corpus):
+    folder = tmp_path / "mixed"
+    (folder / "lines").mkdir(parents=True)
+    documents = real_documents(8)
+    for index, text in enumerate(documents[:5]):
+        (folder / f"note{index}.txt").write_text(text)
+    shutil.copy(ROOT / "docs" / "mutransfer.png", folder / "figure.txt")  # a real binary file
+    (folder / "noise.txt").write_bytes(random.Random(0).randbytes(4096))
+    (folder / "blank.md").write_text("\n  \n")
+    with open(folder / "lines" / "more.jsonl", "w") as lines:
+        for text in [documents[5], "", documents[6], None, documents[7]]:
+            lines.write(json.dumps({"text": text}) + "\n")
+    added = xm2("add-source", "mixed", "mixed", "--corpus_dir", "corpus", cwd=tmp_path)
+    assert added.returncode == 0, added.stderr
+    assert added.stderr.splitlines()[1:3] == [
+        "xm2: skipped 3 of 9 files: 1 empty (blank.md); 2 binary, with NUL bytes or control "
+        "characters (figure.txt, noise.txt)",
+        "xm2: skipped 2 of 10 documents: 2 with an empty text field"]
+    stored = [*read_documents(corpus, "mixed", "train"), *read_documents(corpus, "mixed", "val")]
+    assert sorted(stored) == sorted(documents)
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("plain.jsonl.gz", b'{"text": "not compressed"}\n',
+     "mixed/plain.jsonl.gz is not gzip-compressed (BadGzipFile: Not a gzipped file (b'{\"')); a "
+     ".jsonl.gz file holds gzip-compressed JSON lines: compress it with gzip, or name a plain "
+     "JSON-lines file .jsonl"),
+    ("cut.jsonl.gz", gzip.compress("".join(json.dumps({"text": text}) + "\n" for text in
+                                           real_documents(20)).encode(), mtime=0)[:30_000],
+     "mixed/cut.jsonl.gz is damaged or cut short after line 16 (EOFError: Compressed file ended "
+     "before the end-of-stream marker was reached); copy or write it again"),
+    ("latin.jsonl", ('{"text": "ok"}\n' + json.dumps({"text": FRENCH}, ensure_ascii=False))
+     .encode("latin-1"),
+     "mixed/latin.jsonl line 2, column 17: byte 0xe9 is not valid utf-8; name the files' "
+     "encoding with --encoding (e.g. latin-1, cp1252, utf-16) or convert the file to utf-8"),
+])
+def test_damaged_or_undecodable_json_lines_are_one_line(tmp_path, corpus, name, content, message):
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / name).write_bytes(content)
+    result = xm2("add-source", "mixed", "mixed", "--corpus_dir", "corpus", cwd=tmp_path)
+    assert one_line_error(result) == f"xm2: error: {message}"
+
+
 def their_tokenizer(folder):
     """A SentencePiece model trained outside xm2: BPE, other settings, xm2's special ids."""
     spm.SentencePieceTrainer.train(
@@ -107,6 +200,30 @@ def test_an_existing_sentencepiece_model_is_used_as_is(tmp_path, corpus, text_fo
     processor = spm.SentencePieceProcessor(model_file=str(model))
     first = processor.encode(next(read_documents(corpus, "notes", "train")))
     assert tokens[:len(first)].tolist() == first and tokens[len(first)] == 2
+
+
+def test_a_source_added_again_is_tokenized_again(tmp_path, corpus, text_folder, tokenizer_path,
+                                                 capsys):
+    add_source("notes", str(text_folder), str(corpus), text_field="body")
+    directory = write_shards(corpus, tokenizer_path, tmp_path / "shards", ["notes"])
+    other = tmp_path / "other_notes"
+    other.mkdir()
+    for index, text in enumerate(real_documents(30)[24:]):
+        (other / f"note{index}.txt").write_text(text)
+    add_source("notes", str(other), str(corpus), overwrite=True)
+    capsys.readouterr()
+    write_shards(corpus, tokenizer_path, tmp_path / "shards", ["notes"])
+    announced = capsys.readouterr().err.splitlines()
+    assert len(announced) == 2 and all(
+        line.startswith(f"xm2: token shard {directory}/notes/{split}.bin was tokenized from "
+                        "another version of its corpus file (sha256 ")
+        and line.endswith(f"in the manifest); rewriting the shard from "
+                          f"{corpus}/notes/{split}.jsonl.gz")
+        for line, split in zip(announced, ("train", "val"), strict=True))
+    encoder = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    tokens = [token for text in read_documents(corpus, "notes", "train")
+              for token in (*encoder.encode(text), 2)]
+    assert np.asarray(open_shard(directory, "notes", "train")).tolist() == tokens
 
 
 @pytest.mark.slow
@@ -159,3 +276,9 @@ def test_a_pretokenized_file_is_a_source(tmp_path, corpus, tokenizer_path, shard
         np.save(tmp_path / "big.npy", np.array([1, 4000, 2]))
         add_tokens("big", str(tmp_path / "big.npy"), str(tokenizer_path), corpus_dir=str(corpus),
                    shards_dir=str(tmp_path / "shards"))
+    damaged = directory / "mine" / "val.bin"
+    damaged.write_bytes(damaged.read_bytes()[:4])
+    with pytest.raises(DataError, match=rf"token shard {damaged} is damaged: 4 bytes, .*; source "
+                                        "'mine' was added as token ids, so xm2 cannot write it "
+                                        "again: add its tokens again with `xm2 add-tokens mine"):
+        write_shards(corpus, tokenizer_path, tmp_path / "shards", ["mine"])

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import CORPUS, ROOT
+from tests.test_errors import console, one_line_error
 from xm2.cli import main
 from xm2.errors import ConfigError, MissingFileError
 from xm2.run import override_args, resolve
@@ -151,6 +152,27 @@ def test_transfer_refuses_a_study_that_does_not_exist(tmp_path):
                    tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(ConfigError, match="action='fit'; allowed: search, transfer, summary"):
         windtunnel(action="fit")
+
+
+def test_a_garbled_journal_is_one_line_naming_the_file_the_line_and_the_recovery(tmp_path):
+    journal = tmp_path / "journal.log"
+    study = optuna.create_study(study_name="windtunnel", storage=open_storage(str(journal)))
+    study.optimize(lambda trial: trial.suggest_float("lr", 0.001, 0.1), n_trials=2)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[2] = bytes([lines[2][0] ^ 0xFF]) + lines[2][1:]  # one flipped byte: not JSON any more
+    journal.write_bytes(b"".join(lines))
+    result = console("windtunnel", "--storage", str(journal), "--output_dir", str(tmp_path),
+                     "--proxy.configs", f"[{ROOT / 'config' / 'nano.yaml'}]",
+                     "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert one_line_error(result) == (
+        f"xm2: error: windtunnel journal {journal} is damaged at line 3 (not an Optuna journal "
+        f"entry), so the study cannot be read. Move it away (mv {journal} {journal}.damaged) to "
+        "start the study afresh, or keep the study as it was before the damage: head -n 2 "
+        f"{journal}.damaged > {journal}")
+    assert not (tmp_path / "mlflow.db").exists()  # refused before a parent run was made
+    # The advice works: the lines before the damage are a study Optuna reads.
+    journal.write_bytes(b"".join(lines[:2]))
+    assert optuna.get_all_study_names(open_storage(str(journal))) == ["windtunnel"]
 
 
 @pytest.mark.parametrize("kind", ["tpe", "gp"])

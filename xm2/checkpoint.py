@@ -6,7 +6,9 @@ temporary folder and the checkpoints (a rename across filesystems is a copy that
 Beside it, ``P.json`` records the file's SHA-256 and size and what the run was (step, tokens,
 MLflow run); it is written before the rename and keeps the previous digest too, so a kill between
 the two renames leaves a pair that still verifies. Loading checks the digest and refuses a damaged
-or truncated file by name.
+or truncated file by name; a checkpoint without a record (copied without it) loads only with a
+warning that it cannot be verified, until ``xm2 verify <ckpt> --write_record true`` writes one.
+Every file is loaded with ``weights_only=True``; one that needs more is refused, never retried.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,9 +81,24 @@ def read_record(path: str | Path) -> dict | None:
     if not record.is_file():
         return None
     try:
-        return json.loads(record.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"checkpoint record {record} is damaged ({error})") from error
+        found = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        found = error
+    if not (isinstance(found, dict) and isinstance(found.get("sha256"), str)
+            and isinstance(found.get("bytes"), int)):
+        reason = found if isinstance(found, Exception) else "no sha256 and bytes"
+        raise CheckpointError(
+            f"checkpoint record {record} is damaged ({reason}); restore it from where the "
+            f"checkpoint came from, or, if you vouch for {Path(path).name}, delete the record and "
+            f"write a new one with `xm2 verify {path} --write_record true`")
+    return found
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Write ``record`` beside checkpoint ``path`` atomically (partial file, fsync, rename)."""
+    target = record_path(path)
+    _write_partial(target, lambda file: file.write(json.dumps(record, indent=2).encode())
+                   ).replace(target)
 
 
 def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
@@ -101,9 +121,7 @@ def save_checkpoint_file(checkpoint: dict, path: str | Path) -> dict:
             # the old record, kept here, still vouches for it.
             "previous": {k: v for k, v in previous.items() if k != "previous"} if previous else None,
         }
-        record_file = record_path(path)
-        _write_partial(record_file, lambda f: f.write(json.dumps(record, indent=2).encode())
-                       ).replace(record_file)
+        _write_record(path, record)
     except BaseException as error:
         partial.unlink(missing_ok=True)
         if not isinstance(error, Exception):
@@ -123,8 +141,9 @@ _verified_digests: dict[tuple[str, int, int], str] = {}
 def verify_checkpoint(path: str | Path) -> dict | None:
     """Check ``path`` against its record; raise :class:`CheckpointError` naming the file if not.
 
-    Returns the record that matches the file, or None for a checkpoint without one (written before records existed),
-    which can only be checked by loading it.
+    Returns the record that matches the file, or None for a checkpoint without one (copied
+    without it, or written before records existed), which cannot be checked:
+    :func:`load_checkpoint_file` loads it with a warning, ``xm2 verify`` can give it a record.
     """
     path = Path(path)
     if not path.is_file():
@@ -152,16 +171,117 @@ def verify_checkpoint(path: str | Path) -> dict | None:
     )
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
-    """Verify and load a checkpoint with ``weights_only=True``; errors name the file."""
-    verify_checkpoint(path)
+_WEIGHTS_ONLY_FAILURE = "Weights only load failed"  # how torch.load words such a refusal
+
+
+def load_weights_only(path: str | Path, what: str | None = None, map_location: Any = "cpu",
+                      mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``; a file holding other objects is refused by name
+    (``what``, default ``checkpoint <path>``).
+
+    torch's own refusal advises retrying with ``weights_only=False``, which runs whatever code
+    such a file carries: the wrong advice for a file from elsewhere, so it is not passed on.
+    Other failures (a truncated file, not a torch file) are torch's errors, for the caller to word.
+    """
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if _WEIGHTS_ONLY_FAILURE not in str(error):
+            raise
+        wanted = re.search(r"GLOBAL (\S+)", str(error))
+        asks = f" (such as {wanted.group(1)})" if wanted else ""
+        raise CheckpointError(
+            f"{what or f'checkpoint {path}'} holds objects other than tensors and plain data"
+            f"{asks}, which can run code when loaded; xm2 does not load such files") from None
+
+
+def _read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """:func:`load_weights_only`, with torch's other failures worded as a damaged checkpoint."""
+    try:
+        return load_weights_only(path, map_location=map_location, mmap=mmap)
+    except CheckpointError:
+        raise
     except Exception as error:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(error).__name__}: {error}); it is truncated "
             "or not a checkpoint"
         ) from error
+
+
+_warned_unverified: set[str] = set()
+
+
+def warn_unverified(path: str | Path) -> None:
+    """Say, once per file and process, that checkpoint ``path`` has no record to check it by."""
+    key = str(Path(path).resolve())
+    if key in _warned_unverified:
+        return
+    _warned_unverified.add(key)
+    print(f"xm2: warning: checkpoint {path} has no record ({record_path(path).name}), so it "
+          "cannot be verified: damage to it would go unnoticed. If you know where it came from "
+          f"and vouch for it, write its record with `xm2 verify {path} --write_record true`",
+          file=sys.stderr, flush=True)
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """Verify and load a checkpoint with ``weights_only=True``; errors name the file.
+
+    A checkpoint without a record loads with a warning (:func:`warn_unverified`).
+    """
+    if verify_checkpoint(path) is None:
+        warn_unverified(path)
+    return _read_checkpoint(path, map_location=map_location, mmap=mmap)
+
+
+def verify_command(checkpoint: str, write_record: bool = False) -> dict:
+    """Check a checkpoint file against its digest record, or write a record for one you vouch for.
+
+    A checkpoint passes when its size and SHA-256 are those its record (<checkpoint>.json)
+    was written with and it holds only tensors and plain data (it loads with weights_only=True).
+    A checkpoint copied without its record loads only with a warning; give it one here.
+
+    Args:
+        checkpoint: A checkpoint file (.ckpt).
+        write_record: The file has no record and you vouch for it as it is (you know where it
+            came from): write <checkpoint>.json with its digest, after checking that it loads
+            with weights_only=True. From then on any change to the file is refused.
+    """
+    path = Path(checkpoint)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path} is a sharded checkpoint folder, which has no xm2 record (its shards are "
+            f"torch.distributed.checkpoint's); join it into one file with `xm2 consolidate-"
+            f"checkpoint {path}` and verify that")
+    mismatch = None
+    try:
+        record = verify_checkpoint(path)
+    except CheckpointError as error:
+        if not (write_record and record_path(path).is_file() and path.is_file()):
+            raise
+        mismatch = error
+    if mismatch is not None:  # raised outside the handler: this message, not the one it extends
+        raise CheckpointError(f"{mismatch}. It has a record already: if you vouch for the file "
+                              f"as it is, delete {record_path(path)} and run this again")
+    if record is None and not write_record:
+        raise CheckpointError(
+            f"checkpoint {path} has no record ({record_path(path).name}), so it cannot be "
+            "verified; if you know where it came from and vouch for it, write one with "
+            f"`xm2 verify {path} --write_record true`")
+    loaded = _read_checkpoint(path, mmap=True)  # mapped, not read: any size is checked quickly
+    step = loaded.get("global_step") if isinstance(loaded, dict) else None
+    if record is not None:
+        print(f"{path}: matches its record ({record['bytes']:,} bytes, SHA-256 "
+              f"{record['sha256'][:16]}…, step {record.get('global_step', step)}) and holds only "
+              "tensors and plain data")
+        return record
+    embedded = ((loaded.get("xm2") or {}).get("record") or {}) if isinstance(loaded, dict) else {}
+    record = {"file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+              **embedded, "previous": None, "vouched_for": "xm2 verify --write_record"}
+    _write_record(path, record)
+    print(f"{path}: wrote {record_path(path).name} ({record['bytes']:,} bytes, SHA-256 "
+          f"{record['sha256'][:16]}…, step {record.get('global_step', step)}); it loads without a "
+          "warning from now on, and any change to it is refused")
+    return record
 
 
 def remove_partial_files(directory: str | Path) -> list[Path]:
@@ -202,9 +322,13 @@ def sharded_metadata(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint folder {path} has no {SHARDED_METADATA}; it is not a "
                               "sharded xm2 checkpoint, or its save was interrupted")
     try:
-        return torch.load(meta, map_location="cpu", weights_only=True)
+        return load_weights_only(meta, what=f"checkpoint metadata {meta}")
+    except CheckpointError:
+        raise
     except Exception as error:
-        raise CheckpointError(f"checkpoint metadata {meta} cannot be read ({error})") from error
+        raise CheckpointError(f"checkpoint metadata {meta} cannot be read ({type(error).__name__}: "
+                              f"{error}); the folder's save was interrupted or it was damaged; "
+                              "use another checkpoint of the run") from error
 
 
 def find_checkpoints(root: str | Path) -> list[tuple[Path, dict]]:

@@ -47,6 +47,7 @@ TOOLS = {
     "decay-study": "xm2.studies.decay:decay_study",
     "tracking-sync": "xm2.tracking.guard:tracking_sync",
     "consolidate-checkpoint": "xm2.interop.sharded:consolidate_checkpoint",
+    "verify": "xm2.checkpoint:verify_command",
     "memory": "xm2.memory:memory",
     "export-hf": "xm2.interop.hf_export:export_hf",
     "import-hf": "xm2.interop.hf_import:import_hf",

@@ -108,9 +108,9 @@ def estimate(config: ModelConfig, batch_size: int, seq_len: int, precision: str,
         raise ConfigError(f"precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
     if strategy == "single" and devices != 1:
         raise ConfigError(f"strategy single runs on one device, not devices={devices}")
-    if devices < 1 or batch_size < 1 or seq_len < 1:
-        raise ConfigError(f"devices={devices}, batch_size={batch_size} and seq_len={seq_len} must "
-                          "be >= 1")
+    for name, value in (("devices", devices), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
     if seq_len > config.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     with torch.device("meta"):
@@ -175,7 +175,10 @@ def memory(
             with precision bf16-mixed.
     """
     config = read_architecture(model)
-    seq_len = seq_len or config.max_seq_len
+    if seq_len is not None and seq_len < 1:
+        raise ConfigError(f"seq_len={seq_len} must be >= 1 (tokens per sequence); leave it out "
+                          f"for the preset's max_seq_len={config.max_seq_len}")
+    seq_len = config.max_seq_len if seq_len is None else seq_len
     result = estimate(config, batch_size, seq_len, precision, devices, strategy,
                       activation_checkpointing, fsdp_mixed_precision)
     print(f"{model}: {result.parameters:,} parameters; {strategy} on {devices} device(s), "

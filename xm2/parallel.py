@@ -1,21 +1,29 @@
 """How the decoder is laid out over devices: FSDP2 sharding, its mixed precision, activation
 checkpointing, ``torch.compile`` (whole model or per block) and meta-device construction, all
-switched in YAML.
+switched in YAML; and where the processes of a run meet.
 
 Every switch is a field of :class:`ParallelConfig` (``model.parallel`` in a config) and takes
 effect in one place, :func:`apply`, which the LightningModule's ``configure_model`` calls once the
-strategy has set up its processes. The strategies themselves are Lightning's: single device, DDP,
-FSDP1 (``FSDPStrategy``, GPU only) and FSDP2 through ``ModelParallelStrategy``, whose pure
-data-parallel form is :class:`FSDP2Strategy`. ``config/trainer/`` holds one YAML per strategy.
+strategy has set up its processes. The strategies are Lightning's: single device, DDP
+(:class:`Xm2DDPStrategy`), FSDP1 (``FSDPStrategy``, GPU only) and FSDP2 through
+``ModelParallelStrategy``, whose pure data-parallel form is :class:`FSDP2Strategy`; xm2's two
+keep a one-machine process group on the loopback interface (:func:`serve_rendezvous_on_loopback`).
+``config/trainer/`` holds one YAML per strategy.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import ClusterEnvironment
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Strategy
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -82,7 +90,77 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
+        self.set_world_ranks()
+        self._rendezvous = serve_rendezvous_on_loopback(self.cluster_environment)
         super().setup_environment()
+
+
+class Xm2DDPStrategy(DDPStrategy):
+    """Lightning's ``DDPStrategy`` (same options) whose processes on one machine meet on the
+    loopback interface only: see :func:`serve_rendezvous_on_loopback`."""
+
+    def setup_environment(self) -> None:
+        self.set_world_ranks()
+        self._rendezvous = serve_rendezvous_on_loopback(self.cluster_environment)
+        super().setup_environment()
+
+
+# Where the process group's sockets go when every process runs on this machine.
+LOOPBACK_INTERFACE = "lo0" if sys.platform == "darwin" else "lo"
+SOCKET_INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (a name or an IP) resolves only to loopback addresses (127.x, ::1)."""
+    try:
+        found = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(found) and all(ipaddress.ip_address(entry[4][0].split("%")[0]).is_loopback
+                               for entry in found)
+
+
+def serve_rendezvous_on_loopback(environment: ClusterEnvironment | None) -> dist.TCPStore | None:
+    """Keep a process group whose main address is loopback (one machine) off the network.
+
+    torch's rendezvous store (``TCPStore``, which rank 0 serves at ``MASTER_ADDR:MASTER_PORT``)
+    listens on every interface whatever address it is given, and gloo and NCCL listen on the
+    address the machine's host name resolves to. When the main address is loopback (Lightning's
+    launcher sets 127.0.0.1; so may the user), no other machine can be part of the group, so:
+    every process sends gloo's and NCCL's sockets to the loopback interface (unless
+    ``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` say otherwise), and rank 0 serves the store
+    from a socket bound to the main address itself. It is a multi-tenant store, so the one that
+    ``init_process_group`` creates for the same port shares its server instead of opening
+    another (torch's ``TCPStore(multi_tenant=True)``: all such stores of a process on one
+    host and port use one server). Returns that store, which must live as long as the group;
+    None where nothing is served here (other ranks, a group already set up, a launcher such as
+    torchrun that serves the port itself) or the address names another machine (several nodes:
+    torch's defaults, see docs/distributed.md).
+    """
+    if environment is None or dist.is_initialized():
+        return None
+    address = environment.main_address
+    if not is_loopback(address):
+        return None
+    for variable in SOCKET_INTERFACE_VARIABLES:
+        os.environ.setdefault(variable, LOOPBACK_INTERFACE)
+    if environment.global_rank() != 0:
+        return None
+    port = environment.main_port
+    family, kind, protocol, _, bound_to = socket.getaddrinfo(address, port,
+                                                             type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(bound_to)
+        listener.listen(socket.SOMAXCONN)
+    except OSError:
+        listener.close()
+        return None  # the port is served already (torchrun's agent) or cannot be: torch decides
+    # The store's server owns the socket from here on and closes it with itself.
+    return dist.TCPStore(address, port, environment.world_size(), is_master=True,
+                         wait_for_workers=False, multi_tenant=True,
+                         master_listen_fd=listener.detach())
 
 
 def is_applied(model: nn.Module) -> bool:

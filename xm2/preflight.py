@@ -18,6 +18,7 @@ import yaml
 
 from xm2.errors import ConfigError, TrackingError
 from xm2.tracking import DEFAULT_TRACKING_URI
+from xm2.tracking.store import sqlite_path, store_problem
 
 # Seconds to wait for a tracking server to answer: a live one answers in milliseconds, and
 # MLflow's own retries would take minutes to give up.
@@ -25,7 +26,19 @@ CONNECT_TIMEOUT_S = 5.0
 
 
 def check_trainer(trainer: Any) -> None:
-    """Trainer settings Lightning accepts but xm2's data stream cannot run with."""
+    """Trainer settings Lightning refuses only deep inside, or accepts but xm2's data stream
+    cannot run with."""
+    devices = trainer.get("devices", "auto")
+    if not _valid_devices(devices):
+        raise ConfigError(f"trainer.devices={devices} must be 'auto', a number of devices >= 1, "
+                          "-1 (every GPU) or a list of GPU indices such as [0, 1]")
+    count = _device_count(devices)
+    if trainer.get("accelerator") == "cpu" and devices != "auto" and (count is None or count < 1):
+        raise ConfigError(f"trainer.devices={devices} must be 'auto' or a number of processes "
+                          ">= 1 with trainer.accelerator=cpu (-1 and device indices are for GPUs)")
+    num_nodes = trainer.get("num_nodes", 1)
+    if not isinstance(num_nodes, int) or isinstance(num_nodes, bool) or num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={num_nodes} must be an integer >= 1")
     accumulate = trainer.get("accumulate_grad_batches")
     if not isinstance(accumulate, int) or accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches={accumulate!r} must be an integer >= 1 "
@@ -35,9 +48,34 @@ def check_trainer(trainer: Any) -> None:
         raise ConfigError(f"trainer.max_steps={max_steps} must be >= 1 (or -1 for no limit)")
 
 
+def _device_count(devices: Any) -> int | None:
+    """``devices`` as a count if it is one (an int, or a string of one); else None."""
+    if isinstance(devices, str):
+        try:
+            return int(devices)
+        except ValueError:
+            return None
+    return devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+
+
+def _valid_devices(devices: Any) -> bool:
+    """Whether Lightning can run on ``devices`` with some accelerator: "auto", a count, -1, or
+    GPU indices (a list, or a string such as "0,1"). Zero devices, an empty list and counts
+    below -1 it refuses only when it builds the trainer."""
+    count = _device_count(devices)
+    if devices == "auto" or (count is not None and (count >= 1 or count == -1)):
+        return True
+    if isinstance(devices, str) and "," in devices:
+        indices = [word.strip() for word in devices.split(",") if word.strip()]
+        return bool(indices) and all(word.isdigit() for word in indices)
+    return (isinstance(devices, list) and bool(devices)
+            and all(isinstance(index, int) and index >= 0 for index in devices))
+
+
 def check_tracking_uri(uri: str | None) -> None:
     """Fail in seconds, naming the URL, if an HTTP tracking server does not accept connections;
-    say where runs go when a local SQLite store is new."""
+    name a local SQLite store that cannot be created or written; say where runs go when a local
+    store is new."""
     if not uri:
         return
     parsed = urlparse(uri)
@@ -50,6 +88,9 @@ def check_tracking_uri(uri: str | None) -> None:
                 f"`mlflow server --host 127.0.0.1 --port {port}`) or log to a local store with "
                 f"--trainer.logger.init_args.tracking_uri {DEFAULT_TRACKING_URI}")
     elif parsed.scheme == "sqlite":
+        problem = store_problem(uri)
+        if problem:
+            raise TrackingError(problem)
         store = sqlite_path(uri)
         if store is not None and not store.exists():
             print(f"xm2: new MLflow store {store.resolve()} (tracking_uri {uri}); this run is "
@@ -75,14 +116,6 @@ def _http_problem(uri: str) -> str | None:
         if isinstance(reason, (TimeoutError, socket.timeout)):
             return f"no answer in {CONNECT_TIMEOUT_S:.0f} s"
         return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` URI; None for memory."""
-    rest = uri.removeprefix("sqlite://")
-    if not rest.startswith("/") or rest in ("/", "/:memory:"):
-        return None
-    return Path(rest[1:])
 
 
 def replaced_callbacks(config_paths: list[Any]) -> list[str]:

@@ -95,13 +95,14 @@ class Comparison:
 def compare(saved: Mapping[str, Any], current: Mapping[str, Any], mode: Mode) -> Comparison:
     """Sort every difference between a checkpoint's settings and this run's into refused/applied.
 
-    Keys only one side has are compared too (a mixture source added or dropped); trainer keys the
-    checkpoint does not record (older checkpoints) are skipped.
+    Keys only one side has are compared too (a mixture source added or dropped); trainer keys one
+    side does not know are skipped: the checkpoint's of older checkpoints, this run's world size
+    when ``trainer.devices`` is "auto" or -1 (only the trainer resolves those).
     """
     comparison = Comparison()
     defining = RUN_DEFINING[mode]
     for key in sorted(set(saved) | set(current)):
-        if key.startswith("trainer.") and key not in saved:
+        if key.startswith("trainer.") and (key not in saved or key not in current):
             continue
         if not key.startswith(("model.", "data.", "trainer.")):
             continue
@@ -116,12 +117,16 @@ def compare(saved: Mapping[str, Any], current: Mapping[str, Any], mode: Mode) ->
     return comparison
 
 
-def refusal_message(path: str, mode: Mode, refused: Mapping[str, tuple[Any, Any]]) -> str:
+def refusal_message(path: str, mode: Mode, refused: Mapping[str, tuple[Any, Any]],
+                    advice: str | None = None) -> str:
+    """Why ``path`` cannot be continued in ``mode``: each refused difference, and what to do
+    (``advice``, or the mode's own)."""
     lines = "\n".join(f"  {key}: {old!r} in the checkpoint, {new!r} here"
                       for key, (old, new) in sorted(refused.items()))
-    advice = {
-        "resume": "resume with the run's own settings (its config.yaml is in MLflow), or start a "
-                  "decay branch from the checkpoint with --branch_from",
+    advice = advice or {
+        "resume": "resume with the run's own settings (its config.yaml is in MLflow: xm2 fit "
+                  "--config config.yaml --ckpt_path <checkpoint>, a decay branch's too), or "
+                  "start a decay branch from the checkpoint with --branch_from",
         "branch": "a branch may change only its decay: model.schedule (except warmup_steps), "
                   "data.decay, data.stable and its length",
         "evaluate": "evaluate with the architecture the checkpoint was trained with",

@@ -14,7 +14,10 @@ runs here too, so anything a user can write after ``xm2 fit`` works the same ins
 A study may add callback objects (``callbacks``), change the parsed config before anything is
 built (``adjust``: e.g. drop the checkpointing of a measured trial) and run in-process or, with
 ``isolated=True``, as an ``xm2`` subprocess (a crash or a leak there cannot take the study down).
-A run whose loss diverged is a result (``status == "diverged"``); any other failure raises.
+A run whose loss diverged is a result (``status == "diverged"``); any other failure raises. A
+run stopped by SIGTERM (what a scheduler sends before it kills a job) or Ctrl-C saves a checkpoint,
+prints the command that resumes from it and raises :class:`RunInterrupted`, which ends the process
+with status 143 (SIGTERM) or 130 (SIGINT) unless a caller catches it.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ Config = str | Path | Mapping[str, Any]
 class RunResult:
     """What happened in a run."""
 
-    status: Literal["finished", "diverged"]
+    status: Literal["finished", "diverged", "interrupted"]
     run_id: str | None
     """MLflow run of the xm2 logger (None without one)."""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -63,7 +66,22 @@ class RunResult:
     fit_seconds: float = 0.0
     """Wall time from the trainer's creation to the end (the rest is parsing and building)."""
     error: str | None = None
-    """Why a diverged run was stopped."""
+    """Why a diverged or interrupted run was stopped."""
+
+
+class RunInterrupted(SystemExit):
+    """A run stopped by a signal after saving the checkpoint it resumes from (``result``).
+
+    A ``SystemExit`` whose status is 128 + the signal's number, as a shell reports a process the
+    signal ended: 143 for SIGTERM, 130 for SIGINT (Ctrl-C). Uncaught, it ends the process with
+    that status without a traceback, also inside a study, so a scheduler never takes an
+    interrupted run for a finished one; ``result.last_checkpoint`` is the checkpoint to resume
+    from (None if none could be saved).
+    """
+
+    def __init__(self, result: RunResult, signal_number: int) -> None:
+        super().__init__(128 + signal_number)
+        self.result = result
 
 
 def config_arguments(configs: Sequence[Config]) -> list[str]:
@@ -184,7 +202,16 @@ def _run_here(words: list[str], callbacks: list, adjust: Callable[[Any], None] |
                command=command or ["xm2", *words], adjust=adjust, on_trainer=on_trainer)
     except TrainingDiverged as error:
         return _outcome(built, "diverged", str(error), started)
-    except SystemExit as exit:
+    except (SystemExit, KeyboardInterrupt) as exit:
+        # Lightning ends a run stopped by SIGTERM with SystemExit(None) and one stopped by
+        # Ctrl-C with SystemExit(1); the interrupt callback knows which it was.
+        interrupt = _interrupt_of(built.get("trainer"))
+        if interrupt is not None and interrupt.signal is not None:
+            result = _outcome(built, "interrupted", interrupt.summary, started)
+            result.last_checkpoint = interrupt.checkpoint
+            raise RunInterrupted(result, int(interrupt.signal)) from None
+        if isinstance(exit, KeyboardInterrupt):
+            raise
         # The parser has printed what is wrong with the words; a study gets an error it can
         # catch rather than the end of its process. `xm2 fit` itself exits as the parser says.
         if exit.code in (0, None) or command is not None:
@@ -192,6 +219,13 @@ def _run_here(words: list[str], callbacks: list, adjust: Callable[[Any], None] |
         raise ConfigError(f"the run's configuration was refused (the parser's message is above): "
                           f"xm2 {shlex.join(words)}") from exit
     return _outcome(built, "finished", None, started)
+
+
+def _interrupt_of(trainer: Any) -> Any:
+    from xm2.lightning_cli import SaveOnInterrupt
+
+    callbacks = getattr(trainer, "callbacks", None) or []
+    return next((callback for callback in callbacks if isinstance(callback, SaveOnInterrupt)), None)
 
 
 def _outcome(built: dict, status: str, error: str | None, started: float) -> RunResult:
@@ -236,7 +270,10 @@ def _run_subprocess(words: list[str]) -> RunResult:
                                    env={**os.environ, RESULT_FILE_VARIABLE: str(result_file)},
                                    capture_output=True, text=True)
         if result_file.is_file():
-            return RunResult(**json.loads(result_file.read_text()))
+            result = RunResult(**json.loads(result_file.read_text()))
+            if result.status == "interrupted":
+                raise RunInterrupted(result, completed.returncode - 128)
+            return result
     lines = completed.stderr.strip().splitlines()
     said = [line for line in lines if line.startswith("xm2: error: ")]
     if said:  # the run's own one-line error says what to fix
@@ -246,12 +283,21 @@ def _run_subprocess(words: list[str]) -> RunResult:
 
 
 def main(words: list[str], command: list[str]) -> None:
-    """``xm2 fit|validate|test ...``: :func:`run` on the command line; a divergence is an error."""
-    result = run(words[0], args=_shipped_configs(words[1:]), command=command)
-    if os.environ.get(RESULT_FILE_VARIABLE):
-        Path(os.environ[RESULT_FILE_VARIABLE]).write_text(json.dumps(asdict(result)))
+    """``xm2 fit|validate|test ...``: :func:`run` on the command line; a divergence is an error,
+    an interrupted run ends the process with 143 (SIGTERM) or 130 (SIGINT)."""
+    try:
+        result = run(words[0], args=_shipped_configs(words[1:]), command=command)
+    except RunInterrupted as interrupted:
+        _write_result(interrupted.result)
+        raise
+    _write_result(result)
     if result.status == "diverged":
         raise TrainingDiverged(result.error)
+
+
+def _write_result(result: RunResult) -> None:
+    if os.environ.get(RESULT_FILE_VARIABLE):
+        Path(os.environ[RESULT_FILE_VARIABLE]).write_text(json.dumps(asdict(result)))
 
 
 def _shipped_configs(words: list[str]) -> list[str]:

@@ -1,16 +1,67 @@
-"""Reading the bundled corpus: ``<corpus>/<source>/{train,val}.jsonl.gz`` plus ``manifest.json``."""
+"""Reading the bundled corpus: ``<corpus>/<source>/{train,val}.jsonl.gz`` plus ``manifest.json``;
+and writing corpus and shard files whole (:func:`write_whole`)."""
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import shutil
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from xm2.errors import DataError, MissingFileError
+from xm2.errors import DataError, EnvironmentProblem, MissingFileError
 
 SPLITS = ("train", "val")
+# Write failures that mean "no room": what each means and what to do.
+NO_ROOM = {
+    errno.ENOSPC: ("the disk is full (ENOSPC)", "free space"),
+    errno.EDQUOT: ("the disk quota is used up (EDQUOT)", "free space"),
+    errno.EFBIG: ("the file size limit is reached (EFBIG)", "raise the limit (`ulimit -f`)"),
+}
+
+
+def _size(byte_count: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if byte_count >= scale:
+            return f"{byte_count:,} bytes ({byte_count / scale:.1f} {unit})"
+    return f"{byte_count:,} bytes"
+
+
+@contextmanager
+def write_whole(path: Path, what: str, needed: int | None = None,
+                elsewhere: str = "") -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` only once it is complete.
+
+    It is written as ``<path>.partial`` and renamed over ``path`` when the block ends; on any
+    failure the partial file is removed, so nothing cut short lies under either name. A full disk,
+    a used-up quota or a file size limit is an :class:`EnvironmentProblem` naming ``what`` and
+    ``path``, the bytes ``needed`` (when known), those written and the space left; ``elsewhere``
+    says how to write to another disk instead.
+    """
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as file:
+            yield file
+    except OSError as error:
+        written = partial.stat().st_size if partial.exists() else 0
+        partial.unlink(missing_ok=True)
+        if error.errno not in NO_ROOM:
+            raise
+        free = shutil.disk_usage(path.parent).free
+        cause, remedy = NO_ROOM[error.errno]
+        need = f"it needs {_size(needed)}, " if needed is not None else ""
+        raise EnvironmentProblem(
+            f"no room to write {what} {path}: {cause}; {need}{_size(written)} were written and "
+            f"{_size(free)} are free there. The partial file was removed; {remedy}"
+            f"{f' or {elsewhere}' if elsewhere else ''} and run the command again") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
 
 
 def load_manifest(corpus_dir: str | Path) -> dict:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from xm2.data.corpus import SPLITS, read_documents, text_source_names
+from xm2.data.corpus import (
+    SPLITS,
+    load_manifest,
+    read_documents,
+    split_path,
+    text_source_names,
+    write_whole,
+)
 from xm2.data.tokenizer import EOS_ID, file_digest, load_tokenizer
 from xm2.errors import ConfigError, DataError, MissingFileError
 
@@ -30,27 +37,45 @@ def shard_dir(shards_root: str | Path, tokenizer_path: str | Path) -> Path:
 def write_shards(
     corpus_dir: str | Path, tokenizer_path: str | Path, shards_root: str | Path, sources: list[str]
 ) -> Path:
-    """Tokenize every split of ``sources``; skip those already written for this tokenizer."""
+    """Tokenize every split of ``sources``; skip those already written for this tokenizer.
+
+    A damaged shard (see :func:`shard_problem`) of a text source, or one tokenized from another
+    version of its corpus file (``xm2 add-source --overwrite``: the manifest's sha256 changed),
+    is written again from the corpus, announced with one line naming it; a damaged shard added as
+    token ids cannot be, and is refused by name.
+    """
     tokenizer = load_tokenizer(tokenizer_path)
     directory = shard_dir(shards_root, tokenizer_path)
     dtype = token_dtype(tokenizer.vocab_size())
     text_sources = text_source_names(corpus_dir)
+    entries = load_manifest(corpus_dir)["sources"]
     for source in sources:
         for split in SPLITS:
             array_path = directory / source / f"{split}.bin"
             meta_path = array_path.with_suffix(".json")
-            if meta_path.is_file():
-                problem = shard_problem(meta_path)
-                if problem is None:
-                    continue
-                print(f"xm2: {problem}; writing it again", file=sys.stderr, flush=True)
+            corpus_sha256 = _recorded_sha256(entries.get(source), split)
+            problem = (shard_problem(meta_path) or _stale(meta_path, corpus_sha256)
+                       if meta_path.is_file() else None)
+            if meta_path.is_file() and problem is None:
+                continue
             if source not in text_sources:
+                if problem:
+                    raise DataError(
+                        f"{problem}; source {source!r} was added as token ids, so xm2 cannot "
+                        f"write it again: add its tokens again with `xm2 add-tokens {source} "
+                        f"<token file> --tokenizer_path {tokenizer_path} --overwrite true`")
                 raise ConfigError(
                     f"source {source!r} was added as token ids (xm2 add-tokens) for another "
                     f"tokenizer: there is no {array_path} for {tokenizer_path}; train with the "
                     "tokenizer recorded in its manifest entry, or add its tokens again")
-            print(f"xm2: tokenizing {source}/{split} into {array_path}", file=sys.stderr,
-                  flush=True)
+            corpus_file = split_path(corpus_dir, source, split)
+            if problem:
+                print(f"xm2: {problem}; rewriting the shard from {corpus_file}", file=sys.stderr,
+                      flush=True)
+                meta_path.unlink()  # until the new array is whole, no meta vouches for it
+            else:
+                print(f"xm2: tokenizing {source}/{split} into {array_path}", file=sys.stderr,
+                      flush=True)
             documents = list(read_documents(corpus_dir, source, split))
             encoded = tokenizer.encode(documents)
             tokens = np.fromiter(
@@ -60,9 +85,9 @@ def write_shards(
             )
             array_path.parent.mkdir(parents=True, exist_ok=True)
             # Array first, meta last and each renamed into place: meta.json marks a complete shard.
-            partial = array_path.with_suffix(".partial")
-            tokens.tofile(partial)
-            partial.replace(array_path)
+            elsewhere = "point --shards_dir (data.shards_dir) at a disk with room"
+            with write_whole(array_path, "token shard", tokens.nbytes, elsewhere) as file:
+                file.write(memoryview(tokens))  # a file object, not tofile: errors keep errno
             meta = {
                 "source": source,
                 "split": split,
@@ -72,11 +97,30 @@ def write_shards(
                 "vocab_size": tokenizer.vocab_size(),
                 "tokenizer": str(tokenizer_path),
                 "tokenizer_sha256": file_digest(tokenizer_path),
+                "corpus_sha256": corpus_sha256,
             }
-            meta_partial = meta_path.with_suffix(".partial")
-            meta_partial.write_text(json.dumps(meta, indent=2))
-            meta_partial.replace(meta_path)
+            content = json.dumps(meta, indent=2).encode()
+            with write_whole(meta_path, "token shard meta file", len(content), elsewhere) as file:
+                file.write(content)
     return directory
+
+
+def _recorded_sha256(entry, split: str) -> str | None:
+    """The SHA-256 of a source's corpus file as its manifest entry records it; None if not."""
+    files = entry.get("files") if isinstance(entry, dict) else None
+    recorded = files.get(split) if isinstance(files, dict) else None
+    return recorded.get("sha256") if isinstance(recorded, dict) else None
+
+
+def _stale(meta_path: Path, corpus_sha256: str | None) -> str | None:
+    """What says the shard was tokenized from another version of its corpus file; None if
+    nothing does (also when either side recorded no digest)."""
+    written_from = _read_meta(meta_path).get("corpus_sha256")
+    if corpus_sha256 is None or written_from is None or written_from == corpus_sha256:
+        return None
+    return (f"token shard {meta_path.with_suffix('.bin')} was tokenized from another version of "
+            f"its corpus file (sha256 {written_from[:12]}, now {corpus_sha256[:12]} in the "
+            "manifest)")
 
 
 def _read_meta(meta_path: Path) -> dict:

@@ -14,6 +14,7 @@ number of new tokens shrinks instead (:func:`context_budget`).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -36,6 +37,26 @@ def context_budget(prompt_tokens: int, max_new_tokens: int, context: int) -> tup
     reserve = min(prompt_tokens, context // 2)
     new = min(max_new_tokens, context - reserve)
     return min(prompt_tokens, context - new), new
+
+
+def context_notes(prompt_lengths: Sequence[int], max_new_tokens: int, context: int) -> list[str]:
+    """One note for each prompt that :func:`context_budget` cuts or gives fewer new tokens than
+    asked; ``prompt_lengths`` count each prompt's tokens without the boundary token."""
+    notes = []
+    for index, length in enumerate(prompt_lengths, start=1):
+        keep, new = context_budget(1 + length, max_new_tokens, context)
+        label = "the prompt" if len(prompt_lengths) == 1 else f"prompt {index}"
+        dropped = max(0, length - keep)  # the boundary token goes first, then the oldest
+        gets = f"{new} new tokens" + (f" of the {max_new_tokens} asked for"
+                                      if new < max_new_tokens else "")
+        if dropped:
+            notes.append(f"xm2: note: {label} has {length} tokens and the model's context is "
+                         f"{context}: its oldest {dropped} tokens were dropped, the last "
+                         f"{length - dropped} kept, and it gets {gets}")
+        elif new < max_new_tokens:
+            notes.append(f"xm2: note: {label} gets {gets}: with its {length} tokens the model's "
+                         f"context of {context} has no room for more")
+    return notes
 
 
 def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
@@ -238,6 +259,9 @@ def generate_command(
         raise ConfigError("no prompt: give one with --prompt 'Once upon a time'")
     prompt = [prompt] if isinstance(prompt, str) else prompt
     loaded = load_checkpoint_model(checkpoint, tokenizer_path=tokenizer_path)
+    lengths = [len(loaded.tokenizer.encode(text)) for text in prompt]
+    for note in context_notes(lengths, max_new_tokens, loaded.config.max_seq_len):
+        print(note, file=sys.stderr, flush=True)
     texts = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens, temperature, top_p,
                      stop or (), seed)
     for text_in, text_out in zip(prompt, texts, strict=True):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -401,8 +402,41 @@ def evaluate_tasks(model: Xm2LM, tasks: list, num_fewshot: int | None = 0,
 
     settings = {"random_seed": None, "numpy_random_seed": None, "torch_random_seed": None,
                 "task_manager": TaskManager(include_defaults=False), **kwargs}
-    return simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                           bootstrap_iters=bootstrap_iters, log_samples=log_samples, **settings)
+    try:
+        return simple_evaluate(model=model, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                               bootstrap_iters=bootstrap_iters, log_samples=log_samples,
+                               **settings)
+    except (KeyError, ValueError) as error:
+        unknown = unknown_task_error(error)
+        if unknown is None:
+            raise
+        raise unknown from error
+
+
+# How lm-eval 0.4.13 words an unknown task: its command line, and its TaskManager.
+UNKNOWN_TASK_PATTERNS = (r"^Tasks not found: (?P<names>.+)$",
+                         r"^Spec '(?P<names>.+)' is not a registered task/group/tag name")
+
+
+def unknown_task_error(error: BaseException) -> ConfigError | None:
+    """lm-eval's error for a task name it does not know, as one line naming the task and how to
+    list the known ones; None for any other error."""
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    for pattern in UNKNOWN_TASK_PATTERNS:
+        found = re.match(pattern, str(text))
+        if not found:
+            continue
+        names = found.group("names").split(", ")
+        files = [name for name in names if name.endswith(".yaml")]
+        tasks = [name for name in names if name not in files]
+        problems = ([f"lm-eval does not know the task{'s' * (len(tasks) > 1)} "
+                     f"{', '.join(tasks)}"] if tasks else [])
+        problems += [f"task file {name} does not exist" for name in files]
+        return ConfigError(
+            f"{'; '.join(problems)} (--tasks takes task, group or tag names, or task YAML "
+            "files); list the known tasks with `xm2 lm-eval ls tasks`, adding --include_path "
+            "<folder> for a folder of your own task YAMLs")
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -415,7 +449,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     register()
     sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (KeyError, ValueError) as error:
+        unknown = unknown_task_error(error)
+        if unknown is None:
+            raise
+        raise unknown from error
 
 
 register()

@@ -2,8 +2,8 @@
 
 Everything that evaluates a checkpoint outside of training (``xm2 evaluate``, ``xm2 generate``,
 the lm-eval adapter, the Hugging Face export) starts here, so that each one checks the same things:
-the checkpoint's digest record, a ``weights_only`` load, and that the tokenizer is the one the
-model was trained with.
+the checkpoint's digest record (a checkpoint without one loads with a warning that it cannot be
+verified), a ``weights_only`` load, and that the tokenizer is the one the model was trained with.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class LoadedModel:
     tokenizer: spm.SentencePieceProcessor
     config: ModelConfig
     record: dict
-    """The checkpoint's record: global_step, tokens_seen, run_id, ... (empty if it has none)."""
+    """The checkpoint's record: global_step, tokens_seen, run_id, ... (for a checkpoint without
+    one, the record saved inside it, if any)."""
     path: Path
     tokenizer_path: Path
 
@@ -81,8 +82,12 @@ def load_checkpoint_model(path: str | Path, device: str | torch.device = "cpu",
                           f"`xm2 consolidate-checkpoint {path}` and evaluate that")
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
-    record = verify_checkpoint(path) or {}
-    checkpoint = load_checkpoint_file(path)
+    record = verify_checkpoint(path)
+    checkpoint = load_checkpoint_file(path)  # warns if there is no record to verify it by
+    if record is None:
+        # Unverified, but the run's own record inside still names its tokenizer's digest.
+        record = ((checkpoint.get("xm2") or {}).get("record") or {}
+                  if isinstance(checkpoint, dict) else {})
     try:
         architecture = checkpoint["hyper_parameters"]["architecture"]
     except (KeyError, TypeError):

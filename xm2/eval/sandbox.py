@@ -13,29 +13,45 @@ in a fresh Python process and says whether it passed:
   and a wall-clock timeout;
 - namespaces, where the kernel allows them (``unshare``; a new user namespace too where that is
   allowed): a new network namespace, which has no interface but a loopback that is down, so no
-  address, not even 127.0.0.1, can be reached; and a new mount namespace in which every mount is
-  read-only and the temporary directory is a tmpfs of ``max_disk_mb`` holding a copy of the
-  program (the machine's own mounts are untouched);
+  address, not even 127.0.0.1, can be reached; a new PID namespace, whose first process runs the
+  program as its child: the program's /proc shows only the sandbox's own processes, no process
+  outside can be named, so none can be signalled (``kill``, ``pidfd_send_signal``) or traced, and
+  whatever the program leaves running dies with the namespace when it ends; and a new mount
+  namespace (the machine's own mounts are untouched) with a private root: the program sees only
+  its directory, a tmpfs of ``max_disk_mb`` holding a copy of the program, and, read-only, the
+  Python installation, the system's libraries and programs (``/usr``, ``/bin``, ``/sbin``,
+  ``/lib*``), ``/dev/null``, ``/dev/zero``, ``/dev/full``, ``/dev/random``, ``/dev/urandom``,
+  ``/etc/ld.so.cache`` and ``/etc/localtime``; nothing else of the machine, so no other file can
+  be read. Where a private root cannot be made, every mount is read-only instead (and every file
+  the user can read stays readable). The program then holds no capabilities (a user namespace
+  would give it all of them over its own mounts: it could make them writable again);
 - a guard inside the interpreter: an audit hook (PEP 578; it cannot be removed once added) that
   refuses, with a ``PermissionError``, network use (sockets other than ``AF_UNIX``, connect,
   bind, send-to, name lookups), new processes (``subprocess``, ``os.system``, ``exec*``,
-  ``fork``, ``posix_spawn``, signals to other processes), ``ctypes`` and foreign libraries,
-  raising its own resource limits, ``gc`` introspection (a way to reach the guard's state),
-  writing, creating, renaming, removing or changing any file outside the directory, opening a
-  directory outside it, and changing the working directory out of it.
+  ``fork``, ``posix_spawn``), acting on other processes (``os.kill`` and ``os.killpg`` of any
+  process but its own; ``os.pidfd_open``, ``signal.pidfd_send_signal``, ``os.setpriority`` and
+  ``os.sched_set*``, which raise no audit event, are replaced by refusals), ``ctypes`` and
+  foreign libraries, raising its own resource limits, ``gc`` introspection (a way to reach the
+  guard's state), writing, creating, renaming, removing or changing any file outside the
+  directory, opening or listing (``os.listdir``, ``os.scandir``, hence ``os.walk``, ``glob``,
+  ``pathlib``) a directory outside it (the interpreter's library excepted: imports list it), and
+  changing the working directory out of it.
 
 What it does not protect against. The guard is Python code in the program's own process: it
-stops accidents and naive code (a completion that deletes files, calls ``os.system`` or fetches a
-URL), not a determined attacker, who could tamper with the interpreter's state or find a path
-the audit events do not cover (``os.mknod``, ``os.mkfifo`` and ``os.chroot`` are removed for that
-reason). Reads are not restricted: the program can read any file the user can (and print it).
-The namespaces are enforced by the kernel: no network, no writes outside the directory, and (in a
-user namespace) none of root's capabilities over the rest of the machine. Without them (many CI
-containers; laptops where unprivileged user namespaces are disabled), network and file refusal
-rest on the guard alone; run as root without a user namespace, the program is root, and only the
-guard stands between it and the machine. For untrusted code in bulk, run the
-whole evaluation in a container or VM as well. ``ExecutionResult.layers`` records which layers
-were active for each run.
+stops accidents and naive code (a completion that deletes files, calls ``os.system``, fetches a
+URL or signals a process), not a determined attacker, who could tamper with the interpreter's
+state or find a path the audit events do not cover (``os.mknod``, ``os.mkfifo``, ``os.chroot``
+and the process calls above are replaced for that reason). The guard does not restrict reading
+files: on its own, the program can read any file the user can (and print it), other processes'
+``/proc`` entries included. The namespaces are enforced by the kernel: no network, no writes
+outside the directory, no reads outside what the private root shows, no process outside the
+sandbox, and (in a user namespace) none of root's capabilities over the rest of the machine.
+Without them (many CI containers; laptops where unprivileged user namespaces are disabled),
+network, file and process refusal rest on the guard alone, and reads are not restricted; run as
+root without a user namespace, the program is root, and only the guard stands between it and the
+machine. Nothing stops a program from exiting with code 0 before its tests run, nor a kernel
+exploit. For untrusted code in bulk, run the whole evaluation in a container or VM as well.
+``ExecutionResult.layers`` records which layers were active for each run.
 """
 
 from __future__ import annotations
@@ -71,7 +87,7 @@ CHILD_FILE = Path(__file__).with_name("sandbox_child.py")
 # Exit codes of the child's own: Python itself uses 1 (an exception), 2 (usage) and 120 (output
 # could not be flushed at exit).
 _MEMORY_EXIT = 97  # the program raised MemoryError
-_SETUP_EXIT = 98  # a required layer is unavailable
+_SETUP_EXIT = 98  # a required layer is unavailable, or one failed half-way
 _MAX_REPORT_LINES = 50
 
 
@@ -93,9 +109,14 @@ class ExecutionResult:
     """Why the status is not ``passed``, in words (e.g. ``wall-clock timeout after 10 s``)."""
     layers: tuple[str, ...] = ()
     """The isolation layers that were active: ``user-namespace``, ``network-namespace``,
-    ``read-only-filesystem`` (a mount namespace), ``tmpfs-directory (64 MiB)``, ``rlimits``,
-    ``no-new-processes`` (RLIMIT_NPROC, binding only for users other than root), ``audit-guard``;
-    and ``unavailable: <layer>: <why>`` for a layer that was tried but could not be set up."""
+    ``pid-namespace`` (the program sees and signals only the sandbox's processes),
+    ``read-only-filesystem`` (a mount namespace), ``private-root`` (only the directory, the Python
+    installation and the system's libraries are visible), ``tmpfs-directory (64 MiB)``,
+    ``no-capabilities``, ``rlimits``, ``no-new-processes`` (RLIMIT_NPROC, binding only for users
+    other than root), ``audit-guard``; and ``unavailable: <layer>: <why>`` for a layer that was
+    tried but could not be set up (``pid-namespace-proc``: the PID namespace's own /proc could not
+    be mounted; processes outside stay out of reach, but the machine's /proc may still list
+    them)."""
     refused: tuple[str, ...] = ()
     """The operations the guard refused (at most 50), e.g. ``socket.connect ('127.0.0.1', 80)``;
     a program that catches the ``PermissionError`` still shows up here."""
@@ -120,10 +141,10 @@ def execute(
     """Run ``program`` (Python source) in the sandbox described in this module's docstring.
 
     ``timeout_s`` is wall-clock time, start-up included; ``memory_mb`` caps the address space.
-    ``network_namespace``: ``auto`` enters the namespaces (network; user and mount where possible)
-    where the kernel allows it, ``require`` reports an ``error`` where it cannot enter a network
-    namespace, ``off`` never tries. ``guard=False`` leaves out the audit hook (for testing the
-    other layers alone). ``max_file_mb`` caps every file the program writes, its captured output
+    ``network_namespace``: ``auto`` enters the namespaces (network; user, PID and mount where
+    possible) where the kernel allows it, ``require`` reports an ``error`` where it cannot enter a
+    network namespace, ``off`` never tries. ``guard=False`` leaves out the audit hook (for testing
+    the other layers alone). ``max_file_mb`` caps every file the program writes, its captured output
     included; ``max_disk_mb`` caps all its files together where the directory is a tmpfs (with
     the mount namespace). ``python`` is the interpreter (default: this one).
     """

@@ -270,8 +270,12 @@ def evaluate(
         data_dir: Folder of the sets (data/eval ships subsets; `xm2 prepare-eval --output
             artifacts/eval` writes the full ones).
         limit: At most this many items per task (a seeded subset, the same every time).
-        allow_code_execution: Run model-written code for HumanEval and MBPP (in the sandbox:
-            subprocess, time and memory limits, no network); without it they are skipped.
+        allow_code_execution: Run model-written code for HumanEval and MBPP in the sandbox
+            (xm2.eval.sandbox: a subprocess with time and memory limits; where the kernel allows
+            namespaces, no network, no other process in reach, and no file visible but its own
+            folder, the Python installation and the system's libraries). Without namespaces
+            only an in-process guard remains, and the code can read every file you can read.
+            Without this flag they are skipped.
         batch_size: Sequences per forward pass.
         max_new_tokens: New tokens per generated answer (default: the task's; the model's
             context bounds it).

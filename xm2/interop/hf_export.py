@@ -23,7 +23,7 @@ import torch
 from xm2.config import ModelConfig
 from xm2.errors import ConfigError
 from xm2.interop.hf_folding import hf_state_dict
-from xm2.interop.output_folder import publish_folder, staging_folder
+from xm2.interop.output_folder import written_whole
 
 FORMAT_VERSION = 1
 """Version of the ``xm2`` record that an export writes into config.json."""
@@ -156,8 +156,7 @@ def export_hf(
     started = time.perf_counter()
     loaded = load_checkpoint_model(source, tokenizer_path=tokenizer_path)
     output_dir = Path(output) if output else source.with_name(f"{source.stem}-hf-{target}")
-    staging = staging_folder(output_dir, overwrite)
-    try:
+    with written_whole(output_dir, overwrite) as staging:
         torch_dtype = getattr(torch, dtype)
         state = hf_state_dict(loaded.model.state_dict(), loaded.config, target)
         state = {name: tensor.to(torch_dtype) for name, tensor in state.items()}
@@ -165,20 +164,21 @@ def export_hf(
         provenance = {"checkpoint": str(source.resolve()), "global_step": record.get("global_step"),
                       "tokens_seen": record.get("tokens_seen"), "run_id": record.get("run_id"),
                       "tokenizer_sha256": record.get("tokenizer_sha256")}
-        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as error:
+            if "I/O error" not in str(error):
+                raise
+            # safetensors words a failed write (a full disk) as its own error, not an OSError.
+            raise OSError(str(error)) from error
         hf_config(loaded.config, target, torch_dtype, provenance).save_pretrained(str(staging))
         GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(str(staging))
         export_tokenizer(loaded.tokenizer_path, staging)
         difference = compare_logits(loaded.model, staging) if verify else None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    tolerance = 1e-3 if dtype == "float32" else math.inf
-    if difference is not None and not difference <= tolerance:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ConfigError(f"the {target} export of {source} gives logits {difference:.3g} away "
-                          f"from xm2's (allowed {tolerance}); nothing was written")
-    publish_folder(staging, output_dir)
+        tolerance = 1e-3 if dtype == "float32" else math.inf
+        if difference is not None and not difference <= tolerance:
+            raise ConfigError(f"the {target} export of {source} gives logits {difference:.3g} "
+                              f"away from xm2's (allowed {tolerance}); nothing was written")
     parameters = sum(t.numel() for t in state.values())
     check = f", max |logit diff| vs xm2 {difference:.2e}" if difference is not None else ""
     print(f"{output_dir}: {target} ({dtype}), {parameters:,} parameters, step "

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from xm2.checkpoint import save_checkpoint_file
+from xm2.checkpoint import load_weights_only, save_checkpoint_file
 from xm2.config import ModelConfig
-from xm2.errors import ConfigError
+from xm2.errors import CheckpointError, ConfigError
 from xm2.interop.hf_folding import HF_PREFIX, SourceMath, xm2_weights
-from xm2.interop.output_folder import publish_folder, staging_folder
+from xm2.interop.output_folder import written_whole
 from xm2.presets import preset
 
 # config.json fields that do not change what the model computes.
@@ -170,11 +170,13 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path, what=f"weights file {path}")
+    except CheckpointError:
+        raise  # holds more than tensors: refused, never retried without weights_only
     except Exception as error:
-        raise ConfigError(f"{path} cannot be loaded with weights_only=True ({type(error).__name__}:"
-                          f" {str(error).splitlines()[0]}); a .bin file that needs more may run "
-                          "code when loaded: convert it to safetensors first") from error
+        raise ConfigError(f"weights file {path} cannot be read ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0]}); it is truncated or not a torch "
+                          "file") from error
 
 
 def xm2_config(hf: dict, math_: SourceMath, path: Path) -> ModelConfig:
@@ -279,8 +281,7 @@ def import_hf(
                           f"vocab_size {config.vocab_size}; it is not this model's tokenizer")
     weights = xm2_weights(read_hf_weights(source), math_, config, source)
     output_dir = Path(output) if output else Path("artifacts/imported") / source.resolve().name
-    staging = staging_folder(output_dir, overwrite)
-    try:
+    with written_whole(output_dir, overwrite) as staging:
         shutil.copyfile(tokenizer, staging / "tokenizer.model")
         final_tokenizer = (output_dir / "tokenizer.model").resolve()
         run_name = f"imported-{source.resolve().name}"
@@ -309,10 +310,6 @@ def import_hf(
                   f"#   xm2 fit --config {output_dir / 'config.yaml'} --branch_from "
                   f"{output_dir / 'model.ckpt'} --branch_decay_steps 100\n")
         (staging / "config.yaml").write_text(header + yaml.safe_dump(settings, sort_keys=False))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish_folder(staging, output_dir)
     parameters = sum(t.numel() for t in weights.values())
     layout = math_.naming + (" (an xm2 export: its µP settings restored)" if math_.target else "")
     print(f"{output_dir / 'model.ckpt'}: {layout} layout, {parameters:,} parameters, "

@@ -14,10 +14,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from xm2.checkpoint import save_checkpoint_file
+from xm2.checkpoint import load_weights_only, save_checkpoint_file, sharded_metadata
 from xm2.errors import CheckpointError
 
 META_FILE = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards
@@ -35,11 +34,13 @@ def load_sharded_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(
             f"{path} is not a sharded checkpoint: one is a folder holding .metadata, "
             f"{META_FILE} and __<rank>_0.distcp files, as FSDP2 runs write them")
-    checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
+    checkpoint = sharded_metadata(path)  # weights_only: refused by name if it needs more
     with tempfile.TemporaryDirectory() as scratch:
         joined = Path(scratch) / "joined.pt"
+        # DCP unpickles the shards' non-tensor entries (and .metadata) itself, without
+        # weights_only: a sharded folder is trusted as a run's own; what it yields is checked.
         dcp_to_torch_save(path, joined)
-        state = torch.load(joined, map_location="cpu", weights_only=True)
+        state = load_weights_only(joined, what=f"the file joined from the shards of {path}")
     checkpoint["state_dict"] = {name: tensor.contiguous() for name, tensor in state["state_dict"].items()}
     return checkpoint
 

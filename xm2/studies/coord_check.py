@@ -193,19 +193,19 @@ def run_config(
 
 
 def recorded_sizes(
-    parent: TrackedRun, run_id: str, modules: Sequence[str], steps: int, *, complete: bool = True
+    child: TrackedRun, modules: Sequence[str], steps: int, *, complete: bool = True
 ) -> list[dict[str, float]]:
     """Mean |x| per module at each step 0..steps, read back from the ``coord/<module>`` metrics
-    of child run ``run_id``; nan where the run logged none (it stopped early).
+    of run ``child``; nan where it logged none (it stopped early).
 
     ``complete``: the run trained to the end, so a missing value means the store lost it.
     """
-    logged = {(point.step, module): point.value for module in modules
-              for point in parent.client.get_metric_history(run_id, f"coord/{module}")}
+    logged = {(step, module): value for module in modules
+              for step, value in child.metric_history(f"coord/{module}").items()}
     missing = sorted({step for step in range(steps + 1) for module in modules
                       if (step, module) not in logged})
     if complete and missing:
-        raise TrackingError(f"run {run_id} in {parent.tracking_uri} has no coord/<module> "
+        raise TrackingError(f"run {child.run_id} in {child.tracking_uri} has no coord/<module> "
                             f"metrics at steps {missing}; the tracking store did not receive "
                             "them (`xm2 tracking-sync` sends a backlog)")
     return [{module: logged.get((step, module), math.nan) for module in modules}
@@ -248,15 +248,15 @@ def run_coord_check(
                     "coord_check.seed": seed}
             result = fit_run("fit", [config], parent.child_args(
                 f"{parametrization}-w{width}-s{seed}", tags=tags), quiet=True)
+            child = TrackedRun(parent.tracking_uri, parent.experiment_name, result.run_id)
             if result.status == "diverged":
                 # Sizes up to the divergence are a result (SP blowing up), not a failure.
                 print(f"coord-check {parametrization}: width {width} seed {seed} diverged "
                       f"({result.error}); mean |x| after step {result.steps} is nan",
                       file=sys.stderr, flush=True)
-                child = TrackedRun(parent.tracking_uri, parent.experiment_name, result.run_id)
                 child.set_tags({"diverged": "true"})
                 child.finish("FINISHED")
-            runs.append(recorded_sizes(parent, result.run_id, modules, steps,
+            runs.append(recorded_sizes(child, modules, steps,
                                        complete=result.status == "finished"))
         for step in range(steps + 1):
             for module in modules:
@@ -269,12 +269,13 @@ def growth_factors(table: Sequence[ActivationSize]) -> dict[tuple[str, int, str]
     """(parametrization, step, module) -> max over widths / min over widths of mean |x|.
 
     1 means width-independent; under µP every factor should stay near 1 after the first updates.
-    nan where a width has no finite size (its run diverged before that step).
+    nan where a width has no finite, positive size (its run diverged before that step).
     """
     by_key: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for row in table:
         by_key[(row.parametrization, row.step, row.module)].append(row.mean_abs)
-    return {key: max(values) / min(values) if all(map(math.isfinite, values)) else math.nan
+    return {key: max(values) / min(values)
+            if min(values) > 0 and all(map(math.isfinite, values)) else math.nan
             for key, values in by_key.items()}
 
 

@@ -8,6 +8,8 @@
 - :mod:`xm2.tracking.lineage`: resumes, decay branches and evaluations of a checkpoint: which
   run they log into and how they are tagged; ``xm2 branches``.
 - :mod:`xm2.tracking.guard`: the outage guard and its backlog; ``xm2 tracking-sync``.
+- :mod:`xm2.tracking.store`: ``open_store``, the one way xm2 opens a store: a new local SQLite
+  store is created once, under a lock, however many processes start on it together.
 
 This module imports nothing heavy (no Lightning, no MLflow): ``xm2 --help`` imports it.
 """

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xm2.errors import DataError, MissingFileError
 from xm2.tracking import DEFAULT_TRACKING_URI
 
 FIRST_RETRY_SECONDS, MAX_RETRY_SECONDS = 10.0, 300.0
@@ -207,12 +208,64 @@ def _keep_artifact(name: str, values: dict, backlog_dir: Path) -> dict:
             "artifact_path": str(relative.parent) if str(relative.parent) != "." else None}
 
 
+BACKLOG_FIELDS = {"log_batch": ("run_id", "metrics", "params", "tags"),
+                  "artifact": ("run_id", "local_path", "artifact_path"),
+                  "set_terminated": ("run_id", "status")}
+"""Each kind of backlog record (its ``op``) and the fields it needs."""
+
+
+def read_backlog(path: Path) -> list[dict]:
+    """Every record of a backlog file, all checked before any is sent; a damaged line is refused
+    naming the file, the line and how to go on."""
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as error:
+        raise DataError(f"backlog file {path} is damaged: not text ({error}); restore it, or "
+                        "move it away to give up the records it kept") from error
+    entries = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            problem = f"is not JSON ({error.msg}, column {error.colno})"
+        else:
+            problem = _backlog_problem(entry)
+        if problem:
+            raise DataError(f"backlog file {path} line {number} {problem}; nothing was sent. "
+                            "Delete or repair that line (a run killed while writing leaves its "
+                            "last line cut short) and run `xm2 tracking-sync` again")
+        entries.append(entry)
+    return entries
+
+
+def _backlog_problem(entry: Any) -> str | None:
+    """What is wrong with one parsed backlog record, or None."""
+    if not isinstance(entry, dict):
+        return f"is {type(entry).__name__}, not a record (a JSON object)"
+    if "op" not in entry:
+        return "is a record without 'op'"
+    if entry["op"] not in BACKLOG_FIELDS:
+        return f"has op {entry['op']!r}; known: {', '.join(BACKLOG_FIELDS)}"
+    missing = [field for field in BACKLOG_FIELDS[entry["op"]] if field not in entry]
+    if missing:
+        return f"is a {entry['op']} record without {', '.join(repr(f) for f in missing)}"
+    if entry["op"] == "log_batch":
+        for field, size in (("metrics", 4), ("params", 2), ("tags", 2)):
+            rows = entry[field]
+            if not (isinstance(rows, list)
+                    and all(isinstance(row, list) and len(row) == size for row in rows)):
+                return f"has {field!r} that are not lists of {size} values"
+    return None
+
+
 def send_backlog(path: str | Path, client: Any) -> int:
     """Send a backlog file's records in order; sent records leave the file. Returns how many."""
     from mlflow.entities import Metric, Param, RunTag
 
     path = Path(path)
-    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = read_backlog(path)
     for done, entry in enumerate(entries):
         try:
             if entry["op"] == "log_batch":
@@ -245,8 +298,12 @@ def tracking_sync(backlog: str, tracking_uri: str = DEFAULT_TRACKING_URI) -> int
     """
     from mlflow.tracking import MlflowClient
 
-    if not Path(backlog).is_file():
-        raise FileNotFoundError(f"backlog file {backlog} does not exist")
-    sent = send_backlog(backlog, MlflowClient(tracking_uri))
+    path = Path(backlog)
+    if not path.is_file():
+        raise MissingFileError(f"backlog file {backlog} does not exist; the run's last message "
+                               "names its backlog (<default_root_dir>/tracking/mlflow-backlog-"
+                               "<run id>.jsonl)")
+    read_backlog(path)  # a damaged file is refused before the store is opened
+    sent = send_backlog(path, MlflowClient(tracking_uri))
     print(f"sent {sent} records from {backlog} to {tracking_uri}")
     return sent

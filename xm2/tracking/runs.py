@@ -21,22 +21,12 @@ import mlflow
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 
+from xm2.tracking.store import experiment_id, open_store
+
 # MLflow refuses more than this many entries of one kind in one log_batch call.
 _BATCH_LIMIT = {"metrics": 1000, "params": 100, "tags": 100}
 # MLflow's limit on a parameter value; longer values are cut rather than refused.
 _PARAM_VALUE_LIMIT = 6000
-
-
-def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
-    """The id of MLflow experiment ``name``, created if missing."""
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        # Another worker process created it between the lookup and the create.
-        return client.get_experiment_by_name(name).experiment_id
 
 
 class TrackedRun:
@@ -51,7 +41,7 @@ class TrackedRun:
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
         self.run_id = run_id
-        self.client = mlflow.MlflowClient(tracking_uri)
+        self.client = open_store(tracking_uri)
 
     # ------------------------------------------------------------------ opening
 
@@ -67,7 +57,7 @@ class TrackedRun:
         params: Mapping[str, object] | None = None,
     ) -> TrackedRun:
         """Create a run (RUNNING) in ``experiment_name``; a child of ``parent`` if given."""
-        client = mlflow.MlflowClient(tracking_uri)
+        client = open_store(tracking_uri)
         all_tags = {key: str(value) for key, value in (tags or {}).items()}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent if isinstance(parent, str) else parent.run_id
@@ -81,7 +71,7 @@ class TrackedRun:
     @classmethod
     def attach(cls, tracking_uri: str, run_id: str) -> TrackedRun:
         """An existing run, e.g. a study's parent reopened by a resumed or second process."""
-        client = mlflow.MlflowClient(tracking_uri)
+        client = open_store(tracking_uri)
         run = client.get_run(run_id)  # raises if there is no such run
         experiment = client.get_experiment(run.info.experiment_id)
         return cls(tracking_uri, experiment.name, run_id)
@@ -110,7 +100,7 @@ class TrackedRun:
     @classmethod
     def latest(cls, tracking_uri: str, experiment_name: str, filter_string: str) -> TrackedRun | None:
         """The newest run of ``experiment_name`` that matches ``filter_string`` (MLflow syntax)."""
-        client = mlflow.MlflowClient(tracking_uri)
+        client = open_store(tracking_uri)
         experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
             return None

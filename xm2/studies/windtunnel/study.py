@@ -85,7 +85,32 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(storage)))
+    try:
+        # Opening replays the whole journal: a garbled line fails here, in Optuna's words.
+        return JournalStorage(JournalFileBackend(str(storage)))
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as error:
+        raise damaged_journal(Path(storage), error) from error
+
+
+def damaged_journal(path: Path, error: Exception) -> DataError:
+    """The error for a journal file Optuna cannot replay: the first bad line and how to recover."""
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            entry = json.loads(line)
+            good = isinstance(entry, dict) and "op_code" in entry
+        except ValueError:  # not JSON, or not UTF-8
+            good = False
+        if not good:
+            # A prefix of a journal is the study as it was then: what comes before is kept.
+            keep = (f", or keep the study as it was before the damage: head -n {number - 1} "
+                    f"{path}.damaged > {path}" if number > 1 else "")
+            return DataError(
+                f"windtunnel journal {path} is damaged at line {number} (not an Optuna journal "
+                f"entry), so the study cannot be read. Move it away (mv {path} {path}.damaged) "
+                f"to start the study afresh{keep}")
+    return DataError(
+        f"windtunnel journal {path} is damaged ({type(error).__name__}: {error}), so the study "
+        f"cannot be read. Move it away (mv {path} {path}.damaged) to start the study afresh")
 
 
 PARENT_ATTR = "mlflow_parent_run_id"
