@@ -8,8 +8,10 @@ other ranks by running the command line again, which under pytest would be pytes
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from mlflow import MlflowClient
 
 from tests.conftest import ROOT
-from tests.test_cli import smoke_args, xm2
+from tests.test_cli import XM2, smoke_args, xm2
 from xm2 import mup
 from xm2.checkpoint import load_checkpoint_file, record_path
 from xm2.config import ModelConfig
@@ -266,6 +268,76 @@ def test_torchrun_trains_fsdp2_through_the_cli_and_validate_loads_the_consolidat
     for key, value in trained.data.metrics.items():
         if key.startswith("val/"):
             assert evaluation.data.metrics[key] == pytest.approx(value, abs=1e-4), key
+
+
+# --- the process group stays on this machine ---
+
+def listening_sockets() -> dict[str, tuple[str, int]]:
+    """Every listening TCP socket of this machine: inode -> (address, port)."""
+    found = {}
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            found[fields[9]] = (socket.inet_ntop(family, raw), int(port, 16))
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+        except OSError:
+            continue
+    return [pid, *(grandchild for child in children for grandchild in process_tree(child))]
+
+
+def socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    except OSError:  # the process or the descriptor is gone
+        pass
+    return inodes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_a_two_process_run_listens_on_loopback_only(strategy, tmp_path, tokenizer_path, shards):
+    """torch's rendezvous store listens on every interface by default (`*:<port>`); xm2's
+    strategies keep a one-machine group on 127.0.0.1. Polled from /proc while the run is alive."""
+    args = [*smoke_args(tmp_path, tokenizer_path, shards),
+            "--config", str(ROOT / "config" / "trainer" / f"{strategy}.yaml"),
+            "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--trainer.max_steps", "4", "--model.schedule.decay_start_step", "3"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "fit.log"
+    with log.open("w") as output:
+        run = subprocess.Popen([*XM2, "fit", *args], cwd=tmp_path, env=env, stdout=output,
+                               stderr=subprocess.STDOUT)
+    seen: dict[tuple[int, str, int], None] = {}
+    deadline = time.monotonic() + 400
+    while run.poll() is None and time.monotonic() < deadline:
+        listening = listening_sockets()
+        for pid in process_tree(run.pid):
+            for inode in socket_inodes(pid) & listening.keys():
+                seen[(pid, *listening[inode])] = None
+        time.sleep(0.1)
+    if run.poll() is None:
+        run.kill()
+    assert run.wait() == 0, log.read_text()[-4000:]
+    # Rank 0 serves the store and both ranks' gloo pairs listen: all of it on loopback.
+    assert len({pid for pid, _, _ in seen}) == 2, seen
+    assert {address for _, address, _ in seen} <= {"127.0.0.1", "::1"}, seen
 
 
 # --- configs and switches ---

@@ -254,8 +254,10 @@ class Xm2CLI(LightningCLI):
         config = self.config[subcommand]
         branch_from, ckpt_path = config.get("branch_from"), config.get("ckpt_path")
         if branch_from and subcommand != "fit":
-            raise CheckpointError(f"--branch_from starts a training run; it is for `xm2 fit`, "
-                                  f"not `xm2 {subcommand}`")
+            if ckpt_path in (None, branch_from):
+                raise CheckpointError(f"--branch_from starts a training run; it is for `xm2 fit`, "
+                                      f"not `xm2 {subcommand}`")
+            branch_from = None  # a branch's config.yaml: evaluate the --ckpt_path given with it
         if not (branch_from or ckpt_path):
             return
         mode = "branch" if branch_from else "resume" if subcommand == "fit" else "evaluate"

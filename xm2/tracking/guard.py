@@ -296,7 +296,7 @@ def tracking_sync(backlog: str, tracking_uri: str = DEFAULT_TRACKING_URI) -> int
         backlog: A backlog file named in the run's message (mlflow-backlog-<run id>.jsonl).
         tracking_uri: The tracking server or store the run logs to.
     """
-    from mlflow.tracking import MlflowClient
+    from xm2.tracking.store import open_store
 
     path = Path(backlog)
     if not path.is_file():
@@ -304,6 +304,6 @@ def tracking_sync(backlog: str, tracking_uri: str = DEFAULT_TRACKING_URI) -> int
                                "names its backlog (<default_root_dir>/tracking/mlflow-backlog-"
                                "<run id>.jsonl)")
     read_backlog(path)  # a damaged file is refused before the store is opened
-    sent = send_backlog(path, MlflowClient(tracking_uri))
+    sent = send_backlog(path, open_store(tracking_uri))
     print(f"sent {sent} records from {backlog} to {tracking_uri}")
     return sent

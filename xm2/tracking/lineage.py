@@ -101,9 +101,9 @@ def branches(run_id: str, tracking_uri: str = DEFAULT_TRACKING_URI) -> list[dict
         run_id: The MLflow run the branches were started from.
         tracking_uri: Where runs are tracked.
     """
-    from mlflow.tracking import MlflowClient
+    from xm2.tracking.store import open_store
 
-    client = MlflowClient(tracking_uri)
+    client = open_store(tracking_uri)
     parent = client.get_run(run_id)
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`{PARENT_RUN_TAG}` = '{run_id}'")

@@ -132,12 +132,12 @@ class Xm2MLFlowLogger(MLFlowLogger):
     def store_refused(self, reason: str) -> TrackingError:
         """The one-line error of a local store that stopped taking writes mid-run."""
         at_step = "" if self.last_step is None else f" at step {self.last_step}"
-        kept = (f"its checkpoints in {self.checkpoint_dir} are kept" if self.checkpoint_dir
-                else "it had written no checkpoint yet")
-        return TrackingError(
-            f"the MLflow store {sqlite_path(self.tracking_uri)} refused a write{at_step} ({reason}); "
-            f"training stopped and {kept}: make the store writable, then resume this run with "
-            "--ckpt_path last")
+        then = (f"training stopped and its checkpoints in {self.checkpoint_dir} are kept: make "
+                "the store writable, then resume this run with --ckpt_path last"
+                if self.checkpoint_dir else "training stopped before its first checkpoint: make "
+                "the store writable and start the run again")
+        return TrackingError(f"the MLflow store {sqlite_path(self.tracking_uri)} refused a "
+                             f"write{at_step} ({reason}); {then}")
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         self.checkpoint_dir = getattr(checkpoint_callback, "dirpath", None)

@@ -52,15 +52,16 @@ def store_problem(uri: str, writing: bool = True) -> str | None:
     fix = f"give --trainer.logger.init_args.tracking_uri a file in a folder, e.g. {DEFAULT_TRACKING_URI}"
     if path.is_dir():
         return f"{where} is a folder, not an SQLite file; {fix}"
-    folder = next(parent for parent in path.parents if parent.exists() or parent == Path("."))
-    if folder.exists() and not folder.is_dir():
+    folder = next((parent for parent in path.parents if parent.exists()), None)  # nearest
+    if folder is not None and not folder.is_dir():
         return f"{where} cannot be created: its parent {folder} is a file, not a folder; {fix}"
     if not writing:
         return None
     # SQLite writes a journal beside the file, so its folder must be writable too. os.access
     # also sees an immutable file (chattr +i) and a read-only mount, which stop root as well.
     read_only = next((item for item in (path, folder)
-                      if item.exists() and not os.access(item, os.W_OK)), None)
+                      if item is not None and item.exists() and not os.access(item, os.W_OK)),
+                     None)
     if read_only is not None:
         return (f"{where} cannot be written: {read_only} is read-only; make it writable, or log "
                 f"to another store with --trainer.logger.init_args.tracking_uri")
