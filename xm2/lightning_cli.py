@@ -115,7 +115,8 @@ class SaveOnInterrupt(Callback):
                                                 reduce_op="max"))
         if not noted:
             return
-        self._restore_handlers()
+        # The handlers stay until the trainer has stopped: a repeated SIGTERM must not reach
+        # Lightning's (it broadcasts); a second Ctrl-C already stops at once.
         self.signal, self.step = signal.Signals(noted), trainer.global_step
         why = self._save(trainer)
         self._report(trainer, why)

@@ -73,7 +73,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     The parent's ``"auto"`` sizes give tensor parallelism across the processes of a node (one
     node with 8 devices would be tp=8, dp=1); this sets dp to the world size and tp to 1, so the
-    same YAML works for any ``trainer.devices`` and ``trainer.num_nodes``.
+    same YAML works for any ``trainer.devices`` and ``trainer.num_nodes``. Its processes on one
+    machine meet on the loopback interface only (:func:`serve_rendezvous_on_loopback`).
     """
 
     def __init__(self, save_distributed_checkpoint: bool = True,

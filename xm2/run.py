@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -271,8 +272,9 @@ def _run_subprocess(words: list[str]) -> RunResult:
                                    capture_output=True, text=True)
         if result_file.is_file():
             result = RunResult(**json.loads(result_file.read_text()))
-            if result.status == "interrupted":
-                raise RunInterrupted(result, completed.returncode - 128)
+            if result.status == "interrupted":  # it exited 128 + the signal's number
+                number = completed.returncode - 128
+                raise RunInterrupted(result, number if number > 0 else signal.SIGTERM)
             return result
     lines = completed.stderr.strip().splitlines()
     said = [line for line in lines if line.startswith("xm2: error: ")]
