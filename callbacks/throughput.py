@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from xm2.analysis.flops import flops_per_token, measure_peak_flops
 from xm2.data.datamodule import TimedDataLoader
 from xm2.errors import ConfigError
+from xm2.tracking.record import record_metrics
 
 # The dtype matrix products run in under each of Lightning's precision settings
 # (trainer.precision: "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true").
@@ -84,8 +85,7 @@ class Throughput(ThroughputMonitor):
         for throughput in self._throughputs.values():
             throughput.available_flops = peak
         if peak:
-            for logger in trainer.loggers:
-                logger.log_metrics({"throughput/peak_flops": float(peak)}, step=trainer.global_step)
+            record_metrics(trainer, {"throughput/peak_flops": float(peak)})
 
     def _set_flops(self, pl_module, batch: dict, training: bool) -> None:
         config = pl_module.model.config
@@ -114,8 +114,7 @@ class Throughput(ThroughputMonitor):
             waits = [wait for _, wait in window if wait is not None]
             if len(waits) == len(window):
                 metrics["throughput/data_wait_share"] = sum(waits) / seconds
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+            record_metrics(trainer, metrics)
 
     def _logs_this_batch(self, trainer) -> bool:
         """Lightning's rule for logging on a training batch, from public state: the batch stepped

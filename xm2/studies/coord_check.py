@@ -28,7 +28,6 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from mlflow.entities import Metric
 
 from xm2.config import ModelConfig
 from xm2.data.corpus import source_names
@@ -439,10 +438,9 @@ def coord_check(
                   f"(max/min of mean |x|; 1 = width-independent), PNG and CSV at {stem}.*")
             print(format_growth_factors(factors, parametrization))
         # Growth factor (parametrization, step, module) as metric growth/<param>/<module> at step.
-        run.log_metric_entries(
-            Metric(f"growth/{parametrization}/{module}", value, int(time.time() * 1000), step)
-            for (parametrization, step, module), value in factors.items()
-            if math.isfinite(value))
+        run.log_curves((f"growth/{parametrization}/{module}", value, step)
+                       for (parametrization, step, module), value in factors.items()
+                       if math.isfinite(value))
     return factors
 
 

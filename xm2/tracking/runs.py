@@ -148,8 +148,14 @@ class TrackedRun:
                    if not skip_non_finite or math.isfinite(float(value))]
         self.log_metric_entries(entries)
 
+    def log_curves(self, points: Iterable[tuple[str, float, int]]) -> None:
+        """Many metrics at many steps, as (key, value, step): whole curves in as few calls as
+        MLflow allows."""
+        now = int(time.time() * 1000)
+        self.log_metric_entries(Metric(key, float(value), now, step) for key, value, step in points)
+
     def log_metric_entries(self, entries: Iterable[Metric]) -> None:
-        """Many metrics at many steps (e.g. a whole curve), in as few calls as MLflow allows."""
+        """MLflow ``Metric`` entries, in as few calls as MLflow allows."""
         entries = list(entries)
         for start in range(0, len(entries), _BATCH_LIMIT["metrics"]):
             self.client.log_batch(self.run_id,
