@@ -37,7 +37,7 @@ from xm2.model import Decoder
 from xm2.optimizer import OptimizerConfig
 from xm2.run import run as fit_run
 from xm2.schedule import WSDSchedule
-from xm2.tracking import DEFAULT_TRACKING_URI
+from xm2.tracking import DEFAULT_TRACKING_URI, LOGGER_CLASS_PATH
 from xm2.tracking.runs import TrackedRun
 
 HEAD_DIM = 64
@@ -180,7 +180,7 @@ def run_config(
             "limit_val_batches": 0, "num_sanity_val_steps": 0, "log_every_n_steps": 1,
             "enable_progress_bar": False, "enable_checkpointing": False,
             "enable_model_summary": False, "default_root_dir": str(root_dir),
-            "logger": {"class_path": "xm2.tracking.logger.Xm2MLFlowLogger"},
+            "logger": {"class_path": LOGGER_CLASS_PATH},
             "callbacks": [{"class_path": COORD_CHECK_CALLBACK,
                            "init_args": {"every_n_steps": 1}}],
         },

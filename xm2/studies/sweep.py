@@ -29,7 +29,7 @@ from xm2.data.datamodule import DEFAULT_STABLE
 from xm2.errors import ConfigError
 from xm2.run import run as fit_run
 from xm2.schedule import DecayStyle, WSDSchedule
-from xm2.tracking import DEFAULT_TRACKING_URI
+from xm2.tracking import DEFAULT_TRACKING_URI, LOGGER_CLASS_PATH
 from xm2.tracking.runs import TrackedRun, save_figure
 
 Parametrization = Literal["mup", "sp"]
@@ -270,7 +270,7 @@ def run_config(
             "num_sanity_val_steps": 0, "log_every_n_steps": max(1, steps // 20),
             "enable_progress_bar": False, "enable_checkpointing": False,
             "enable_model_summary": False, "default_root_dir": str(root_dir),
-            "logger": {"class_path": "xm2.tracking.logger.Xm2MLFlowLogger"},
+            "logger": {"class_path": LOGGER_CLASS_PATH},
         },
         "model": {"architecture": asdict(config), "optimizer": {"lr": 2.0**log2_lr},
                   "schedule": asdict(schedule)},

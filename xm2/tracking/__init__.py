@@ -27,6 +27,9 @@ from xm2.errors import TrackingError, chain
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """The local SQLite store in the working directory, where every command logs by default."""
 
+LOGGER_CLASS_PATH = "xm2.tracking.logger.Xm2MLFlowLogger"
+"""The logger a config names for a run tracked as ``xm2 fit`` tracks it (the recipes name it)."""
+
 # Tags of a decay branch's run (see xm2.tracking.lineage and ``xm2 branches``).
 PARENT_RUN_TAG, SOURCE_STEP_TAG = "xm2.parent_run_id", "xm2.source_step"
 SOURCE_TOKENS_TAG, DECAY_STEPS_TAG = "xm2.source_tokens", "xm2.decay_steps"

@@ -16,8 +16,7 @@ from xm2.presets import resolve_config
 from xm2.run import override_args, resolve, run
 from xm2.studies.windtunnel.callbacks import ReportToTrial
 from xm2.studies.windtunnel.settings import CONFIG_PATHS, Runs
-
-XM2_LOGGER = "xm2.tracking.logger.Xm2MLFlowLogger"
+from xm2.tracking import LOGGER_CLASS_PATH
 
 # ----------------------------------------------------------------------------- config files
 
@@ -113,7 +112,7 @@ def shortened(runs: Runs, shape: RunShape, values: Mapping[str, Any],
         "model.schedule.decay_start_step": shape.decay_start_step,
         # A run is a child run of the study: the recipe's xm2 logger (its settings kept; a
         # recipe that names none gets one).
-        "trainer.logger": {"class_path": XM2_LOGGER},
+        "trainer.logger": {"class_path": LOGGER_CLASS_PATH},
     })
     if root_dir is not None:
         overrides["trainer.default_root_dir"] = str(root_dir)

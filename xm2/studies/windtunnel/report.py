@@ -18,6 +18,7 @@ from xm2.run import config_text, override_args
 from xm2.studies.windtunnel.recipe import get_path, recipe_values
 from xm2.studies.windtunnel.settings import CONFIG_PATHS, Runs
 from xm2.studies.windtunnel.study import SETTINGS_ATTR
+from xm2.tracking.lineage import mlflow_logger_configs
 from xm2.tracking.runs import TrackedRun
 
 
@@ -30,7 +31,7 @@ def best_config(runs: Runs, recipe: dict, best: Mapping[str, Any], header: str,
     settings = {**(runs.overrides or {}),
                 **{CONFIG_PATHS[param]: round(value, 12) if isinstance(value, float) else value
                    for param, value in best.items()}}
-    if str(get_path(recipe, "trainer.logger.class_path", "")).endswith("MLFlowLogger"):
+    if mlflow_logger_configs(get_path(recipe, "trainer.logger")):
         settings["trainer.logger.init_args.run_name"] = run_name
     return header + config_text("fit", runs.configs, override_args(settings))
 
