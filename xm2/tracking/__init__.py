@@ -34,6 +34,14 @@ LOGGER_CLASS_PATH = "xm2.tracking.logger.Xm2MLFlowLogger"
 PARENT_RUN_TAG, SOURCE_STEP_TAG = "xm2.parent_run_id", "xm2.source_step"
 SOURCE_TOKENS_TAG, DECAY_STEPS_TAG = "xm2.source_tokens", "xm2.decay_steps"
 
+# What a run is, set on every run the xm2 logger opens (xm2.tracking.logger): "training" (an
+# `xm2 fit` of a recipe, resumes included), "branch" (a decay branch: it carries PARENT_RUN_TAG),
+# "study" (a study's child run: a wind-tunnel trial, a sweep point, a coordinate-check fit),
+# "validate" or "test" (an evaluation of a checkpoint). RECIPE_TAG is the stem of the run's first
+# --config file ("nano" for config/nano.yaml). Notebooks pick "the recipe's run" by these two.
+KIND_TAG, RECIPE_TAG = "xm2.kind", "xm2.recipe"
+RUN_KINDS = ("training", "branch", "study", "validate", "test")
+
 # A dead server must be noticed in seconds, not after MLflow's default 7 retries with backoff.
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
