@@ -21,6 +21,7 @@ import mlflow
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, RunTag
 
+from xm2.tracking import KIND_TAG, RECIPE_TAG
 from xm2.tracking.store import experiment_id, open_store
 
 # MLflow refuses more than this many entries of one kind in one log_batch call.
@@ -107,6 +108,31 @@ class TrackedRun:
         found = client.search_runs([experiment.experiment_id], filter_string,
                                    order_by=["attributes.start_time DESC"], max_results=1)
         return cls(tracking_uri, experiment_name, found[0].info.run_id) if found else None
+
+    @classmethod
+    def training_run(cls, tracking_uri: str, experiment_name: str = "xm2",
+                     recipe: str | None = None) -> TrackedRun | None:
+        """The recipe's run: the newest ``xm2 fit`` training run (tag ``xm2.kind`` = training,
+        so no trial, branch or evaluation), of ``recipe`` (tag ``xm2.recipe``) if given.
+
+        A finished run is preferred; with none finished, the newest running one (a notebook can
+        draw what it has logged so far; ``run.info.status`` says which). None if there is none.
+        """
+        client = open_store(tracking_uri)
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            return None
+        clauses = [f"tags.`{KIND_TAG}` = 'training'"]
+        if recipe is not None:
+            clauses.append(f"tags.`{RECIPE_TAG}` = '{recipe}'")
+        for status in ("FINISHED", "RUNNING"):
+            found = client.search_runs(
+                [experiment.experiment_id],
+                " AND ".join([*clauses, f"attributes.status = '{status}'"]),
+                order_by=["attributes.start_time DESC"], max_results=1)
+            if found:
+                return cls(tracking_uri, experiment_name, found[0].info.run_id)
+        return None
 
     # ------------------------------------------------------------------ reading
 
